@@ -1,0 +1,38 @@
+# `make test` and `make demo` work on a fresh clone: they create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: test lint demo bench parity clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pne_jax tests benchmarks
+	$(VENV)/bin/ruff format --check pne_jax tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) benchmarks/bench_loss.py --classes=19 --batch=2
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_loss.py $(BENCH_ARGS)
+
+parity: $(BENCH_STAMP)
+	$(PY) -m pytest -q -m parity
+
+clean:
+	rm -rf $(VENV) .ruff_cache

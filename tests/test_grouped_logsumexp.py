@@ -1,0 +1,111 @@
+"""grouped_logsumexp against a dense float64 NumPy computation, value and gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pne_jax.losses.grouped_logsumexp import TileLayout, grouped_logsumexp
+
+
+def _random_layout(rng, b, m, n_tiles, t, w, used, keyed):
+    rows = rng.integers(0, m, (b, n_tiles, t))
+    rows[rng.random(rows.shape) < 0.2] = m  # padding rows
+    rows[:, used:] = m  # tiles past the used ones hold no rows
+    cols = rng.integers(0, m, (b, n_tiles, w))
+    bias = rng.normal(size=(b, n_tiles, w))
+    bias[rng.random(bias.shape) < 0.2] = -np.inf  # absent columns
+    row_key = col_key = None
+    if keyed:
+        row_key = rng.integers(0, 3, (b, n_tiles, t)).astype(np.int32)
+        col_key = rng.integers(0, 3, (b, n_tiles, w)).astype(np.int32)
+    tiles_used = np.full((b,), used, np.int32)
+    tiles_used[0] = max(used - 1, 0)  # the batch maximum decides what is computed
+    rows[0, tiles_used[0] :] = m
+    return TileLayout(
+        rows.astype(np.int32),
+        cols.astype(np.int32),
+        bias.astype(np.float32),
+        row_key,
+        col_key,
+        tiles_used,
+    )
+
+
+def _dense(emb, inv_norm, layout, inv_temp, weights):
+    """Float64 value of sum(weights * lse) and its gradient w.r.t. the row embeddings."""
+    scale = np.asarray(inv_norm, np.float64)[..., None]
+    u = np.asarray(emb, np.float64) * scale
+    b, m, d = u.shape
+    value, grad = 0.0, np.zeros_like(u)
+    lse_all = np.zeros(layout.rows.shape)
+    for i in range(b):
+        for t in range(layout.rows.shape[1]):
+            for r in range(layout.rows.shape[2]):
+                row = layout.rows[i, t, r]
+                if row >= m:
+                    continue
+                cols = layout.cols[i, t]
+                s = u[i, cols] @ u[i, row] * inv_temp + layout.col_bias[i, t]
+                if layout.row_key is not None:
+                    s = np.where(layout.col_key[i, t] == layout.row_key[i, t, r], s, -np.inf)
+                if not np.isfinite(s).any():
+                    continue
+                top = s.max()
+                lse = top + np.log(np.exp(s - top).sum())
+                lse_all[i, t, r] = lse
+                p = np.exp(s - lse)
+                value += weights[i, t, r] * lse
+                grad[i, row] += weights[i, t, r] * inv_temp * (p @ u[i, cols]) * scale[i, row]
+    return value, grad, lse_all
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+@pytest.mark.parametrize("tiles_per_chunk", [1, 2])
+def test_matches_dense_float64(keyed, tiles_per_chunk):
+    rng = np.random.default_rng(7 + keyed + 2 * tiles_per_chunk)
+    b, m, d, n_tiles, t, w = 2, 20, 6, 4, 3, 5
+    layout = _random_layout(rng, b, m, n_tiles, t, w, used=3, keyed=keyed)
+    emb = rng.normal(size=(b, m, d)).astype(np.float32)
+    inv_norm = rng.uniform(0.1, 10, size=(b, m)).astype(np.float32)  # any constant scale
+    weights = rng.normal(size=(b, n_tiles, t)).astype(np.float32)
+
+    def f(e):
+        (lse,) = grouped_logsumexp(
+            e, inv_norm, (layout,), inv_temp=2.0, tiles_per_chunk=tiles_per_chunk
+        )
+        return jnp.sum(lse * weights), lse
+
+    (value, lse), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(emb)
+    want_value, want_grad, want_lse = _dense(emb, inv_norm, layout, 2.0, weights)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+    # Rows without any column and padding rows are exactly 0 and get no gradient.
+    assert np.all(np.asarray(lse)[layout.rows >= m] == 0)
+
+
+def test_skipped_chunks_are_not_computed():
+    """Rows placed past tiles_used are outside the contract: they must come out as 0."""
+    rng = np.random.default_rng(3)
+    layout = _random_layout(rng, 1, 10, 4, 2, 3, used=4, keyed=False)
+    layout = layout._replace(tiles_used=np.array([2], np.int32))
+    emb = rng.normal(size=(1, 10, 4)).astype(np.float32)
+    (lse,) = grouped_logsumexp(
+        emb, np.ones((1, 10), np.float32), (layout,), inv_temp=1.0, tiles_per_chunk=2
+    )
+    assert np.all(np.asarray(lse)[:, 2:] == 0)
+    assert np.any(np.asarray(lse)[:, :2] != 0)
+
+
+def test_tile_count_must_divide_into_chunks():
+    rng = np.random.default_rng(0)
+    layout = _random_layout(rng, 1, 5, 3, 2, 2, used=3, keyed=False)
+    with pytest.raises(ValueError, match="multiple of tiles_per_chunk"):
+        grouped_logsumexp(
+            np.zeros((1, 5, 2), np.float32),
+            np.ones((1, 5), np.float32),
+            (layout,),
+            inv_temp=1.0,
+            tiles_per_chunk=2,
+        )
