@@ -26,10 +26,10 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) benchmarks/bench_loss.py --classes=19 --batch=2
+	$(PY) -m benchmarks.bench_loss --classes=19 --batch=2
 
 bench: $(BENCH_STAMP)
-	$(PY) benchmarks/bench_loss.py $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench_loss $(BENCH_ARGS)
 
 parity: $(BENCH_STAMP)
 	$(PY) -m pytest -q -m parity

@@ -6,7 +6,7 @@ inputs: against the official PyTorch implementation (with --official_repo, needs
 from requirements-bench.txt) and against the FLOP floor, one batched matmul with the
 FLOP count of the kept pairs' anchor-by-positive and anchor-by-negative products.
 
-    python benchmarks/bench_loss.py --official_repo=PATH/TO/PNE_Loss
+    python -m benchmarks.bench_loss --official_repo=PATH/TO/PNE_Loss
 """
 
 from __future__ import annotations
