@@ -1,0 +1,119 @@
+"""Building blocks shared by backbones and heads: conv + BN + ReLU, pooling, resizing.
+
+All modules are channels-last (NHWC) and mirror PyTorch/MMSegmentation semantics so that
+converted weights give the same numbers: explicit symmetric padding (not 'SAME', which
+pads strided convolutions asymmetrically), BatchNorm with PyTorch's momentum 0.1 and
+epsilon 1e-5, bilinear resizing with half-pixel centres (`align_corners=False`).
+
+Under `jax.jit` with the batch sharded over devices, BatchNorm's batch statistics are
+already reduced over the global batch (the equivalent of SyncBN): no `axis_name`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch, eps 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults; float32 parameters and statistics."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    use_bias: bool = False,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """A PyTorch-style k x k convolution with padding dilation * (k - 1) // 2 on each side."""
+    pad = dilation * (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class ConvBNAct(nn.Module):
+    """Conv (no bias) + BatchNorm + optional ReLU: MMCV's `ConvModule` with BN and ReLU.
+
+    Parameters live under `conv` and `bn`.
+    """
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    dilation: int = 1
+    act: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = conv(
+            self.features,
+            self.kernel,
+            stride=self.stride,
+            dilation=self.dilation,
+            dtype=self.dtype,
+            name="conv",
+        )(x)
+        x = batch_norm(train, self.dtype, name="bn")(x)
+        return nn.relu(x) if self.act else x
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """PyTorch's `MaxPool2d(3, stride=2, padding=1)` (padding never wins: it is -inf)."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def resize(x: jax.Array, size: tuple[int, int], method: str = "bilinear") -> jax.Array:
+    """Resize [B, H, W, C] to [B, *size, C] like `F.interpolate(..., align_corners=False)`.
+
+    Bilinear with half-pixel centres and no antialiasing (PyTorch does not antialias,
+    also when downsampling); 'nearest' takes `floor(i * in / out)` as PyTorch does.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[1:3]) == size:
+        return x
+    if method == "nearest":
+        rows = (jnp.arange(size[0]) * x.shape[1]) // size[0]
+        cols = (jnp.arange(size[1]) * x.shape[2]) // size[1]
+        return x[:, rows][:, :, cols]
+    if method != "bilinear":
+        raise ValueError(f"resize method must be 'bilinear' or 'nearest', got {method!r}")
+    out = jax.image.resize(
+        x.astype(jnp.float32), (x.shape[0], *size, x.shape[3]), "bilinear", antialias=False
+    )
+    return out.astype(x.dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 1, 1, C] mean, in float32 for accuracy under bf16."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
