@@ -19,8 +19,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $@
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pne_jax tests benchmarks
-	$(VENV)/bin/ruff format --check pne_jax tests benchmarks
+	$(VENV)/bin/ruff check pne_jax tests benchmarks data
+	$(VENV)/bin/ruff format --check pne_jax tests benchmarks data
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from pne_jax.models import build_backbone
-from pne_jax.models.backbones import resnet
+from pne_jax.models.backbones import hrnet, resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,18 @@ TIMM_ARCHS: dict[str, TimmArch] = {
         resnet.TIMM_RENAMES,
         resnet.TIMM_IGNORE,
         source="https://huggingface.co/timm/resnet101c.gluon_in1k",
+    ),
+    "hrnet_w18": TimmArch(
+        "hrnetv2_w18",
+        hrnet.TIMM_RENAMES,
+        hrnet.TIMM_IGNORE,
+        source="https://huggingface.co/timm/hrnet_w18.ms_in1k",
+    ),
+    "hrnet_w48": TimmArch(
+        "hrnetv2_w48",
+        hrnet.TIMM_RENAMES,
+        hrnet.TIMM_IGNORE,
+        source="https://huggingface.co/timm/hrnet_w48.ms_in1k",
     ),
 }
 

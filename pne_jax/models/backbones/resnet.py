@@ -69,10 +69,15 @@ class Bottleneck(nn.Module):
 
 
 class ResNetV1c(nn.Module):
-    """ResNet-V1c backbone; `output_stride` 32 (classification), 16 or 8 (segmentation)."""
+    """ResNet-V1c backbone; `output_stride` 32 (classification), 16 or 8 (segmentation).
+
+    `base_width` (64) and `stem_width` (32) only change for the small demo variant.
+    """
 
     depths: Sequence[int]
     output_stride: int = 8
+    base_width: int = 64
+    stem_width: int = STEM_WIDTH
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -81,18 +86,18 @@ class ResNetV1c(nn.Module):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
         bn = functools.partial(batch_norm, train, self.dtype)
         x = x.astype(self.dtype)
-        x = conv(STEM_WIDTH, 3, stride=2, dtype=self.dtype, name="conv1_0")(x)
+        x = conv(self.stem_width, 3, stride=2, dtype=self.dtype, name="conv1_0")(x)
         x = nn.relu(bn(name="conv1_1")(x))
-        x = conv(STEM_WIDTH, 3, dtype=self.dtype, name="conv1_3")(x)
+        x = conv(self.stem_width, 3, dtype=self.dtype, name="conv1_3")(x)
         x = nn.relu(bn(name="conv1_4")(x))
-        x = conv(2 * STEM_WIDTH, 3, dtype=self.dtype, name="conv1_6")(x)
+        x = conv(2 * self.stem_width, 3, dtype=self.dtype, name="conv1_6")(x)
         x = nn.relu(bn(name="bn1")(x))
         x = max_pool_3x3_s2(x)
 
         features = []
-        in_channels, net_stride, dilation = 2 * STEM_WIDTH, 4, 1
+        in_channels, net_stride, dilation = 2 * self.stem_width, 4, 1
         for stage, depth in enumerate(self.depths):
-            planes = 64 * 2**stage
+            planes = self.base_width * 2**stage
             stride = 1 if stage == 0 else 2
             first_dilation = dilation
             if stride > 1 and net_stride >= self.output_stride:
@@ -115,3 +120,5 @@ class ResNetV1c(nn.Module):
 
 resnet50_v1c = functools.partial(ResNetV1c, depths=(3, 4, 6, 3))
 resnet101_v1c = functools.partial(ResNetV1c, depths=(3, 4, 23, 3))
+# A small V1c network for the CPU demo and tests (not from the paper; no timm weights).
+resnet_tiny_v1c = functools.partial(ResNetV1c, depths=(1, 1, 1, 1), base_width=16, stem_width=16)

@@ -1,0 +1,129 @@
+"""Find a dataset by name, build its builder, and read a prepared split.
+
+Names: the short names `cityscapes`, `ade20k`, `coco_stuff164k`, `synthetic`, or the
+registered tfds names (`cityscapes_semseg`, ...). Reading never prepares anything: an
+unprepared dataset raises `NotPreparedError` with the command that prepares it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data.ade20k import Ade20kSemseg
+from data.cityscapes import CityscapesSemseg
+from data.coco_stuff import CocoStuff164kSemseg
+from data.labels import DatasetMeta
+from data.semseg import SemSegBuilder
+from data.synthetic import SyntheticConfig, SyntheticSemseg
+
+BUILDERS: dict[str, type[SemSegBuilder]] = {
+    "cityscapes": CityscapesSemseg,
+    "ade20k": Ade20kSemseg,
+    "coco_stuff164k": CocoStuff164kSemseg,
+    "synthetic": SyntheticSemseg,
+}
+SYNTHETIC_OPTIONS = ("num_train", "num_validation", "height", "width", "seed")
+
+
+class NotPreparedError(FileNotFoundError):
+    """The dataset is not (completely) prepared in the data dir."""
+
+
+def builder_class(name: str) -> type[SemSegBuilder]:
+    """The builder class for a short or registered name."""
+    for short, cls in BUILDERS.items():
+        if name in (short, cls.name):
+            return cls
+    known = ", ".join(f"{s} ({c.name})" for s, c in BUILDERS.items())
+    raise ValueError(f"unknown dataset {name!r}; known: {known}")
+
+
+def dataset_meta(name: str) -> DatasetMeta:
+    """Class names, palette, number of classes and ignore index of a dataset."""
+    return builder_class(name).META
+
+
+def make_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemSegBuilder:
+    """A builder for `name` in `data_dir`, prepared or not.
+
+    Options: for `synthetic`, any of num_train, num_validation, height, width, seed (they pick
+    the config, hence the folder); for the others, `expected_split_sizes` ("official", a dict
+    of split -> count, or None to skip the check).
+    """
+    cls = builder_class(name)
+    kwargs: dict[str, Any] = {"data_dir": os.path.expanduser(os.fspath(data_dir))}
+    if cls is SyntheticSemseg:
+        config = SyntheticConfig(**{k: options.pop(k) for k in SYNTHETIC_OPTIONS if k in options})
+        named = config.name in {c.name for c in cls.BUILDER_CONFIGS}
+        kwargs["config"] = config.name if named else config  # a name: no "custom config" warning
+    unknown = set(options) - {"expected_split_sizes"}
+    if unknown:
+        raise TypeError(f"{cls.name}: unknown option(s) {sorted(unknown)}")
+    return cls(**kwargs, **options)
+
+
+def prepare_command(builder: SemSegBuilder) -> str:
+    """The shell command that prepares `builder`'s dataset."""
+    short = next(s for s, c in BUILDERS.items() if isinstance(builder, c))
+    cmd = f"python -m data.prepare --dataset={short} --data_dir={builder.data_dir_root}"
+    if isinstance(builder, SyntheticSemseg):
+        cfg = builder.builder_config
+        cmd += "".join(f" --{k}={getattr(cfg, k)}" for k in SYNTHETIC_OPTIONS)
+    else:
+        cmd += " --manual_dir=DIR"
+    return cmd
+
+
+def load_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemSegBuilder:
+    """The builder of a prepared dataset; raises `NotPreparedError` if it is not prepared."""
+    builder = make_builder(name, data_dir, **options)
+    exists = builder.data_path.exists()
+    if not (exists and builder.is_prepared()):
+        state = "is incomplete (delete it and prepare again)" if exists else "does not exist"
+        raise NotPreparedError(
+            f"{builder.name} is not prepared: {builder.data_path} {state}. "
+            f"Prepare it with: {prepare_command(builder)}"
+        )
+    return builder
+
+
+def data_source(
+    name: str, split: str, data_dir: str | os.PathLike, **options: Any
+) -> Sequence[dict[str, Any]]:
+    """Random access to a prepared split: `len(src)`, `src[i]` -> {"image": uint8 [H, W, 3],
+    "label": uint8 [H, W], "name": bytes}. Picklable, so grain workers can use it."""
+    return load_builder(name, data_dir, **options).as_data_source(split)
+
+
+def tf_dataset(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike,
+    *,
+    shuffle: bool = False,
+    seed: int | None = None,
+    **options: Any,
+) -> tf.data.Dataset:
+    """A `tf.data` pipeline over a prepared split, decoded in TensorFlow.
+
+    tfds cannot stream ArrayRecord through `as_dataset`, so the records are read by index
+    (one small Python call per record, bytes only) and parsed and decoded by TF ops.
+    """
+    builder = load_builder(name, data_dir, **options)
+    raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    indices = tf.data.Dataset.range(len(raw))
+    if shuffle:
+        indices = indices.shuffle(len(raw), seed=seed, reshuffle_each_iteration=True)
+
+    def read(index: tf.Tensor) -> tf.Tensor:
+        record = tf.py_function(lambda i: raw[int(i)], [index], tf.string)
+        record.set_shape(())
+        return record
+
+    features = builder.info.features
+    return indices.map(read).map(features.deserialize_example, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,64 @@
+"""COCO-Stuff-164k as a tfds builder: `coco_stuff164k_semseg`.
+
+Reads `train2017.zip`, `val2017.zip` and `stuffthingmaps_trainval2017.zip` from the manual
+dir (or extracted copies: `train2017/`, `val2017/` or MMSegmentation's `images/train2017/`;
+`stuffthingmaps_trainval2017/`, `annotations/` or the manual dir itself for the maps), stores
+the source JPEGs unchanged and maps the 182 raw ids to 171 classes as MMSegmentation's
+converter does (`data.labels`). Train on `train`, evaluate on `validation`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data.labels import COCO_STUFF164K, COCO_STUFF_RAW_TO_TRAIN_ID
+from data.manual import Archive
+from data.semseg import SemSegBuilder, match_pairs
+
+# tfds split -> COCO folder name (in the image zip and in the stuffthingmaps zip).
+FOLDERS = {"train": "train2017", "validation": "val2017"}
+
+ARCHIVES = (
+    Archive(
+        "train2017.zip",
+        "train2017",
+        ("train2017", "images/train2017"),
+        probe_suffix=".jpg",
+    ),
+    Archive("val2017.zip", "val2017", ("val2017", "images/val2017"), probe_suffix=".jpg"),
+    Archive(
+        "stuffthingmaps_trainval2017.zip",
+        "",
+        ("stuffthingmaps_trainval2017", "annotations", ""),
+        probe="val2017",
+        probe_suffix=".png",
+    ),
+)
+INSTRUCTIONS = """\
+Download train2017.zip (18 GB) and val2017.zip (778 MB) from https://cocodataset.org/#download
+(http://images.cocodataset.org/zips/train2017.zip, .../val2017.zip) and
+stuffthingmaps_trainval2017.zip (659 MB) from https://github.com/nightrome/cocostuff
+("Downloads": stuffthingmaps_trainval2017.zip, hosted at calvin.inf.ed.ac.uk)."""
+
+
+class CocoStuff164kSemseg(SemSegBuilder):
+    """COCO-Stuff-164k, 171 classes: train 118287, validation 5000."""
+
+    name = "coco_stuff164k_semseg"
+    META = COCO_STUFF164K
+    MAPPING = COCO_STUFF_RAW_TO_TRAIN_ID
+    SPLIT_SIZES = {"train": 118287, "validation": 5000}
+    IMAGE_FORMAT = "jpeg"
+    HOMEPAGE = "https://github.com/nightrome/cocostuff"
+    DESCRIPTION = __doc__
+    MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
+    ARCHIVES = ARCHIVES
+
+    def list_items(self, manual_dir: str | None) -> dict[str, list[Any]]:
+        train_images, val_images, maps = self.open_manual(manual_dir)
+        items: dict[str, list[Any]] = {}
+        for (split, folder), tree in zip(FOLDERS.items(), (train_images, val_images), strict=True):
+            images = {f.stem: f for f in tree.files("", ".jpg")}
+            labels = {f.stem: f for f in maps.files(folder, ".png")}
+            items[split] = match_pairs(split, images, labels)
+        return items

@@ -1,0 +1,273 @@
+"""What every segmentation builder here shares: features, source checks, split sizes, writing.
+
+Examples are `{"image": uint8 [H, W, 3], "label": uint8 [H, W] train ids (255 = ignore),
+"name": source file stem}`, stored as ArrayRecord so that `tfds.data_source` (and grain) can
+index them. Source images are stored as their original bytes where possible (PNG stays PNG,
+JPEG stays JPEG: no second lossy encoding); labels are mapped and stored as PNG.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import io
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from absl import logging
+from PIL import Image
+
+from data.labels import IGNORE_INDEX, DatasetMeta, LabelMapping
+from data.manual import Archive, ArchiveTree, BadSourceFileError, SourceFile, open_archives
+
+Example = dict[str, Any]
+
+# Passed as `expected_split_sizes` to say "use the builder's published split sizes".
+OFFICIAL = "official"
+
+
+class SplitSizeError(ValueError):
+    """A split has a different number of examples than published."""
+
+
+class LabelMap(tfds.features.Image):
+    """A uint8 [H, W] label map stored as a 1-channel PNG; decodes to [H, W] (no channel)."""
+
+    def __init__(self, *, doc: Any = None, **unused: Any):
+        # `**unused` accepts the keys tfds passes back when it restores features.json.
+        super().__init__(shape=(None, None, 1), dtype=np.uint8, encoding_format="png", doc=doc)
+
+    def get_tensor_info(self) -> tfds.features.TensorInfo:
+        return tfds.features.TensorInfo(shape=(None, None), dtype=np.uint8)
+
+    def encode_example(self, label: np.ndarray | bytes) -> bytes:
+        if isinstance(label, bytes):
+            return label
+        return encode_png(label)
+
+    def decode_example(self, example):
+        return super().decode_example(example)[..., 0]
+
+    def decode_example_np(self, example: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(example)) as img:
+            return np.asarray(img, dtype=np.uint8)
+
+
+def semseg_features(image_format: str) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
+            "label": LabelMap(doc="train ids, 255 = ignore"),
+            "name": tfds.features.Text(doc="stem of the source image file"),
+        }
+    )
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def read_image(src: SourceFile) -> tuple[bytes, tuple[int, int]]:
+    """Checks that `src` is a complete, decodable image; returns bytes to store and (H, W).
+
+    RGB or greyscale PNG/JPEG bytes are kept as they are (decoders expand grey to RGB);
+    anything else (CMYK, palette, alpha, 16 bit) is converted to RGB and stored as PNG.
+    """
+    data = src.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes everything: a truncated or corrupt file raises here
+            size = (img.height, img.width)
+            if img.format in ("PNG", "JPEG") and img.mode in ("RGB", "L"):
+                return data, size
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSourceFileError(f"corrupt or unreadable image {src}: {e}") from e
+    return encode_png(rgb), size
+
+
+def read_label(src: SourceFile, mapping: LabelMapping) -> np.ndarray:
+    """Decodes a raw label PNG and maps it to train ids; unknown raw values are an error."""
+    data = src.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode, raw = img.mode, np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSourceFileError(f"corrupt or unreadable label {src}: {e}") from e
+    if mode not in ("L", "P"):
+        raise BadSourceFileError(f"label {src} has image mode {mode}; expected 8-bit, 1 channel")
+    unknown = mapping.unknown_values(raw)
+    if unknown:
+        raise BadSourceFileError(
+            f"unknown label value(s) {unknown} in {src}; not in the table: {mapping.description}"
+        )
+    return mapping(raw)
+
+
+def load_pair(image: SourceFile, label: SourceFile | None, mapping: LabelMapping) -> Example:
+    """One example from an image and its raw label (None: all pixels ignored)."""
+    data, size = read_image(image)
+    if label is None:
+        train = np.full(size, IGNORE_INDEX, np.uint8)
+    else:
+        train = read_label(label, mapping)
+        if train.shape != size:
+            raise BadSourceFileError(
+                f"label {label} is {train.shape[1]}x{train.shape[0]} but "
+                f"image {image} is {size[1]}x{size[0]} (width x height)"
+            )
+    return {"image": data, "label": train, "name": image.stem}
+
+
+def match_pairs(
+    split: str,
+    images: Mapping[str, SourceFile],
+    labels: Mapping[str, SourceFile],
+) -> list[tuple[SourceFile, SourceFile]]:
+    """Pairs images and labels by key (sorted); every image needs a label and vice versa."""
+    problems = []
+    no_label = sorted(set(images) - set(labels))
+    no_image = sorted(set(labels) - set(images))
+    if no_label:
+        shown = ", ".join(str(images[k]) for k in no_label[:3])
+        problems.append(f"{len(no_label)} image(s) without a label, e.g. {shown}")
+    if no_image:
+        shown = ", ".join(str(labels[k]) for k in no_image[:3])
+        problems.append(f"{len(no_image)} label(s) without an image, e.g. {shown}")
+    if problems:
+        raise BadSourceFileError(f"split {split!r}: " + "; ".join(problems))
+    return [(images[k], labels[k]) for k in sorted(images)]
+
+
+class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base builder: a subclass lists its work items per split and loads one item.
+
+    expected_split_sizes: "official" (default) checks the published `SPLIT_SIZES` before
+        anything is written; a dict checks those sizes instead (e.g. for a test tree);
+        None skips the check, with a warning.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    META: ClassVar[DatasetMeta]
+    MAPPING: ClassVar[LabelMapping]
+    SPLIT_SIZES: ClassVar[Mapping[str, int]] = {}
+    IMAGE_FORMAT: ClassVar[str] = "png"
+    ARCHIVES: ClassVar[tuple[Archive, ...]] = ()  # manual downloads; see data.manual
+    HOMEPAGE: ClassVar[str] = ""
+    DESCRIPTION: ClassVar[str] = ""
+    # Examples prepared at once by worker threads (PIL and zlib release the GIL).
+    NUM_WORKERS: ClassVar[int] = min(8, os.cpu_count() or 1)
+
+    def __init__(
+        self,
+        *,
+        expected_split_sizes: Mapping[str, int] | str | None = OFFICIAL,
+        file_format: str = "array_record",
+        **kwargs: Any,
+    ):
+        if expected_split_sizes == OFFICIAL:
+            expected_split_sizes = dict(self.SPLIT_SIZES)
+        elif isinstance(expected_split_sizes, str):
+            raise ValueError(
+                f"expected_split_sizes={expected_split_sizes!r}: use "
+                f"{OFFICIAL!r}, a dict of split -> count or None"
+            )
+        self.expected_split_sizes = expected_split_sizes
+        super().__init__(file_format=file_format, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=semseg_features(self.IMAGE_FORMAT),
+            homepage=self.HOMEPAGE,
+            # Written in source order, so that index i is the i-th sorted source file.
+            disable_shuffling=True,
+        )
+
+    # --- what a subclass provides ------------------------------------------------------------
+
+    def list_items(self, manual_dir: str | None) -> dict[str, Sequence[Any]]:
+        """Split name -> work items (cheap: paths or indices), in the order to write them."""
+        raise NotImplementedError
+
+    def load_item(self, item: Any) -> Example:
+        """Reads and checks one work item; raises `BadSourceFileError` naming the file.
+
+        The default takes an (image, label or None) pair and maps the label with `MAPPING`.
+        """
+        image, label = item
+        return load_pair(image, label, self.MAPPING)
+
+    # --- shared machinery --------------------------------------------------------------------
+
+    def open_manual(self, manual_dir: str | os.PathLike) -> list[ArchiveTree]:
+        """Opens each of `ARCHIVES` in `manual_dir`; raises `MissingManualFilesError`."""
+        return open_archives(
+            manual_dir,
+            self.ARCHIVES,
+            dataset=self.name,
+            instructions=self.MANUAL_DOWNLOAD_INSTRUCTIONS,
+        )
+
+    def check_split_sizes(self, found: Mapping[str, int], where: str) -> None:
+        expected = self.expected_split_sizes
+        if expected is None:
+            logging.warning(
+                "%s: split sizes not checked (expected_split_sizes=None): %s",
+                self.name,
+                dict(found),
+            )
+            return
+        bad = [
+            f"{s!r}: expected {expected.get(s)}, found {n}"
+            for s, n in found.items()
+            if expected.get(s) != n
+        ]
+        bad += [
+            f"{s!r}: expected {n}, found no such split"
+            for s, n in expected.items()
+            if s not in found
+        ]
+        if bad:
+            raise SplitSizeError(
+                f"{self.name}: wrong number of examples in {where}: "
+                + "; ".join(bad)
+                + ". The download may be incomplete. To prepare a subset on purpose pass "
+                "expected_split_sizes={...} (or None, --nocheck_split_sizes on the command line)."
+            )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        manual_dir = os.fspath(dl_manager.manual_dir) if self.MANUAL_DOWNLOAD_INSTRUCTIONS else None
+        items = self.list_items(manual_dir)
+        self.check_split_sizes({s: len(v) for s, v in items.items()}, manual_dir or "generator")
+        return {split: self._generate_examples(split, v) for split, v in items.items()}
+
+    def _generate_examples(self, split: str, items: Sequence[Any]) -> Iterator[tuple[int, Example]]:
+        """Loads items on worker threads, yielding them in order with a progress bar."""
+        bar = tqdm.tqdm(total=len(items), desc=f"{self.name} {split}", unit=" ex", mininterval=1)
+        pending: collections.deque[concurrent.futures.Future[Example]] = collections.deque()
+        ahead = 4 * self.NUM_WORKERS  # bounded, so memory stays flat on large splits
+        it = iter(items)
+        with bar, concurrent.futures.ThreadPoolExecutor(self.NUM_WORKERS) as pool:
+            try:
+                for index in range(len(items)):
+                    while len(pending) < ahead and (item := next(it, _END)) is not _END:
+                        pending.append(pool.submit(self.load_item, item))
+                    example = pending.popleft().result()
+                    bar.update(1)
+                    yield index, example
+            finally:  # on an error or an abandoned generator, do not finish queued work
+                for future in pending:
+                    future.cancel()
+
+
+_END = object()
