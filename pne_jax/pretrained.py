@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from pne_jax.models import build_backbone
-from pne_jax.models.backbones import hrnet, resnet
+from pne_jax.models.backbones import hrnet, resnet, swin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,20 @@ TIMM_ARCHS: dict[str, TimmArch] = {
         hrnet.TIMM_RENAMES,
         hrnet.TIMM_IGNORE,
         source="https://huggingface.co/timm/hrnet_w48.ms_in1k",
+    ),
+    "swin_tiny_patch4_window7_224": TimmArch(
+        "swin_tiny",
+        swin.TIMM_RENAMES,
+        swin.TIMM_IGNORE,
+        swin.TIMM_FRESH,
+        source="https://huggingface.co/timm/swin_tiny_patch4_window7_224.ms_in1k",
+    ),
+    "swin_base_patch4_window12_384": TimmArch(
+        "swin_base",
+        swin.TIMM_RENAMES,
+        swin.TIMM_IGNORE,
+        swin.TIMM_FRESH,
+        source="https://huggingface.co/timm/swin_base_patch4_window12_384.ms_in22k",
     ),
 }
 
