@@ -1,0 +1,256 @@
+"""Sharding, determinism, resumption and batch formats of pne_jax/input_pipeline.py."""
+
+import itertools
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from pne_jax import augment
+from pne_jax import input_pipeline as ip
+
+SIZES = [(40, 56), (36, 60), (48, 40), (30, 30)]
+
+
+def fake_source(n, seed=0):
+    """n examples of a few sizes; label pixels carry the example index (class i % 200)."""
+    rng = np.random.default_rng(seed)
+    source = []
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        label = np.where(rng.random((h, w)) < 0.5, i % 200, 201).astype(np.uint8)
+        label[rng.random((h, w)) < 0.05] = 255
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        source.append({"image": image, "label": label, "name": f"ex{i}"})
+    return source
+
+
+def make_config(global_batch=4, **data):
+    fields = dict(
+        base_size=(56, 40),
+        crop_size=(24, 32),
+        test_size=(64, 40),
+        num_workers=0,
+        seed=3,
+    )
+    fields.update(data)
+    return ml_collections.ConfigDict({"data": fields, "train": {"global_batch_size": global_batch}})
+
+
+def take(iterator, n):
+    batches = list(itertools.islice(iterator, n))
+    iterator.close()
+    return batches
+
+
+def test_train_batch_shapes_and_dtypes():
+    batch = next(ip.train_iterator(make_config(), source=fake_source(6), process_count=2))
+    assert batch["image"].shape == (2, 24, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (2, 24, 32) and batch["label"].dtype == np.int32
+    assert set(batch) == {"image", "label"}
+
+
+def test_global_batch_must_divide_by_process_count():
+    with pytest.raises(ValueError, match="global batch size 5 .* process count 2"):
+        ip.train_dataset(make_config(5), source=fake_source(6), process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="process_index 2"):
+        ip.train_dataset(make_config(4), source=fake_source(6), process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("num_examples", [12, 10])
+def test_train_shards_are_disjoint_and_cover_each_epoch(num_examples):
+    kw = dict(num_examples=num_examples, global_batch_size=4, seed=3, process_count=2)
+    steps = -(-3 * num_examples // 4)  # at least three epochs of stream positions
+    shards = [
+        np.concatenate([ip.train_indices(s, process_index=p, **kw)[0] for s in range(steps)])
+        for p in range(2)
+    ]
+    epochs = [
+        np.concatenate([ip.train_indices(s, process_index=p, **kw)[1] for s in range(steps)])
+        for p in range(2)
+    ]
+    for e in range(3):
+        parts = [shards[p][epochs[p] == e] for p in range(2)]
+        assert not set(parts[0]) & set(parts[1])
+        assert sorted(np.concatenate(parts)) == list(range(num_examples))
+    first, second = ip.epoch_permutation(3, 0, num_examples), ip.epoch_permutation(3, 1, 12)
+    assert not np.array_equal(first, second)  # a new order each epoch
+
+
+def test_pipeline_reads_the_examples_train_indices_names():
+    # An identity augmentation (scale 1, full-size crop, no flip, no colour) exposes them.
+    source = [dict(ex, label=np.full((24, 32), i, np.uint8)) for i, ex in enumerate(fake_source(9))]
+    for ex in source:
+        ex["image"] = np.zeros((24, 32, 3), np.uint8)
+    config = make_config(
+        base_size=(32, 24), ratio_range=(1.0, 1.0), flip_prob=0.0, photometric=False
+    )
+    for p in range(2):
+        batches = take(
+            ip.train_iterator(config, source=source, process_index=p, process_count=2), 5
+        )
+        for step, batch in enumerate(batches):
+            indices, _ = ip.train_indices(
+                step, num_examples=9, global_batch_size=4, seed=3, process_index=p, process_count=2
+            )
+            assert list(batch["label"][:, 0, 0]) == list(indices)
+
+
+def test_global_batch_does_not_depend_on_process_count():
+    source, config = fake_source(7), make_config()
+    one = take(ip.train_iterator(config, source=source, process_count=1, process_index=0), 3)
+    two = [
+        take(ip.train_iterator(config, source=source, process_count=2, process_index=p), 3)
+        for p in range(2)
+    ]
+    for step in range(3):
+        for key in ("image", "label"):
+            joined = np.concatenate([two[0][step][key], two[1][step][key]])
+            np.testing.assert_array_equal(one[step][key], joined)
+
+
+@pytest.mark.parametrize("start", [1, 4])
+def test_resume_equals_uninterrupted_run(start):
+    source, config = fake_source(10), make_config()  # 10 examples: batches straddle epochs
+    full = take(ip.train_iterator(config, source=source, process_index=1, process_count=2), 10)
+    resumed = take(
+        ip.train_iterator(config, start, source=source, process_index=1, process_count=2), 6
+    )
+    for a, b in zip(full[start : start + 6], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    other_seed = take(ip.train_iterator(make_config(seed=4), source=source, process_count=1), 1)
+    assert not np.array_equal(other_seed[0]["label"][:2], full[0]["label"])
+
+
+@pytest.mark.parametrize("workers,threads", [(2, 1), (0, 3)])
+def test_workers_and_threads_give_the_same_batches(workers, threads):
+    source = fake_source(10)
+    config = make_config(num_workers=workers, num_threads=threads)
+    batches = take(ip.train_iterator(config, 2, source=source, process_count=1), 4)
+    ds = ip.train_dataset(make_config(), source=source, process_index=0, process_count=1)
+    for k, batch in enumerate(batches):
+        np.testing.assert_array_equal(batch["image"], ds[2 + k]["image"])
+        np.testing.assert_array_equal(batch["label"], ds[2 + k]["label"])
+
+
+def test_train_labels_keep_source_values():
+    source = fake_source(8)
+    values = set().union(*(set(np.unique(ex["label"]).tolist()) for ex in source))
+    for batch in take(ip.train_iterator(make_config(), source=source, process_count=1), 4):
+        assert set(np.unique(batch["label"]).tolist()) <= values | {255}
+
+
+@pytest.mark.parametrize("num_examples", [11, 1])
+def test_eval_visits_every_example_once_with_masked_padding(num_examples):
+    source = fake_source(num_examples)
+    config = make_config(eval_pad_size=(48, 64), eval_label_pad_size=(50, 60))
+    per_process = [
+        list(ip.eval_iterator(config, source=source, process_index=p, process_count=2))
+        for p in range(2)
+    ]
+    assert len(per_process[0]) == len(per_process[1]) == ip.num_eval_batches(num_examples, 4, 2)
+    seen = []
+    for batch in itertools.chain(*per_process):
+        assert batch["image"].shape == (2, 48, 64, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (2, 50, 60) and batch["label"].dtype == np.int32
+        assert batch["image_size"].dtype == batch["label_size"].dtype == np.int32
+        assert batch["mask"].dtype == bool
+        for j in range(2):
+            if not batch["mask"][j]:
+                assert batch["index"][j] == -1 and np.all(batch["label"][j] == 255)
+                assert np.all(batch["image"][j] == 0) and np.all(batch["image_size"][j] == 0)
+                continue
+            i = int(batch["index"][j])
+            seen.append(i)
+            label = source[i]["label"]
+            (lh, lw), (ih, iw) = label.shape, augment.keep_ratio_size(label.shape, (64, 40))
+            assert tuple(batch["label_size"][j]) == (lh, lw)
+            assert tuple(batch["image_size"][j]) == (ih, iw)
+            np.testing.assert_array_equal(batch["label"][j, :lh, :lw], label)
+            assert np.all(batch["label"][j, lh:] == 255) and np.all(
+                batch["label"][j, :, lw:] == 255
+            )
+            expected = augment.eval_transform(source[i]["image"], (64, 40))
+            np.testing.assert_array_equal(batch["image"][j, :ih, :iw], expected)
+            assert np.all(batch["image"][j, ih:] == 0) and np.all(batch["image"][j, :, iw:] == 0)
+    assert sorted(seen) == list(range(num_examples))
+
+
+def test_eval_pad_sizes_default_to_the_largest_and_too_small_raises():
+    source = fake_source(5)
+    batch = next(ip.eval_iterator(make_config(), source=source, process_count=1))
+    test_sizes = [augment.keep_ratio_size(s, (64, 40)) for s in SIZES]
+    assert batch["image"].shape[1:3] == tuple(np.max(test_sizes, axis=0))
+    assert batch["label"].shape[1:] == tuple(np.max(SIZES, axis=0))
+    config = make_config(eval_pad_size=(48, 64), eval_label_pad_size=(40, 40))
+    with pytest.raises(ValueError, match="eval_label_pad_size"):
+        next(ip.eval_iterator(config, source=source, process_count=1))
+
+
+def test_eval_batch_size_from_eval_config():
+    config = make_config(eval_pad_size=(48, 64), eval_label_pad_size=(50, 60))
+    config.eval = {"global_batch_size": 6}
+    batches = list(ip.eval_iterator(config, source=fake_source(7), process_count=1))
+    assert [b["mask"].sum() for b in batches] == [6, 1]
+
+
+def test_open_source_needs_a_name():
+    with pytest.raises(ValueError, match="config.data.name"):
+        ip.open_source(make_config(), "train")
+
+
+def test_bad_examples_are_named():
+    source = fake_source(3)
+    source[1] = dict(source[1], label=source[1]["label"][:-1])
+    with pytest.raises(ValueError, match="example 1 of the source"):
+        ip.eval_dataset(make_config(), source=source, process_count=1)
+
+
+def test_to_global_array_on_eight_devices():
+    assert jax.device_count() == 8  # tests/conftest.py
+    mesh = jax.make_mesh((8,), ("data",))
+    batch = next(ip.train_iterator(make_config(8), source=fake_source(8), process_count=1))
+    arrays = ip.to_global_array(batch, mesh)
+    for key, value in batch.items():
+        assert arrays[key].shape == value.shape and arrays[key].dtype == value.dtype
+        assert arrays[key].sharding.spec == PartitionSpec("data")
+        assert len(arrays[key].addressable_shards) == 8
+        np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+
+
+@pytest.fixture(scope="module")
+def synthetic_config(tmp_path_factory):
+    """A tiny prepared synthetic_semseg set (data/), read through open_source."""
+    prepare = pytest.importorskip("data.prepare").prepare
+    options = dict(num_train=8, num_validation=5, height=64, width=128)
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    prepare("synthetic", data_dir, **options)
+    config = make_config(base_size=(128, 64), test_size=(128, 64), num_workers=1)
+    config.data.update(name="synthetic", data_dir=data_dir, options=options)
+    return config
+
+
+def test_prepared_synthetic_set_end_to_end(synthetic_config):
+    config = synthetic_config
+    # A worker process reads the pickled tfds source; the batches equal in-process ones.
+    batches = take(ip.train_iterator(config, 1, process_index=1, process_count=2), 2)
+    ds = ip.train_dataset(config, process_index=1, process_count=2)
+    for k, batch in enumerate(batches):
+        assert batch["image"].shape == (2, 24, 32, 3) and batch["label"].shape == (2, 24, 32)
+        np.testing.assert_array_equal(batch["image"], ds[1 + k]["image"])
+        np.testing.assert_array_equal(batch["label"], ds[1 + k]["label"])
+        assert set(np.unique(batch["label"]).tolist()) <= set(range(10)) | {255}
+    config.data.num_workers = 0
+    seen = []
+    for p in range(2):
+        for batch in ip.eval_iterator(config, process_index=p, process_count=2):
+            assert batch["image"].shape == (2, 64, 128, 3) and batch["label"].shape == (2, 64, 128)
+            seen += batch["index"][batch["mask"]].tolist()
+    assert sorted(seen) == list(range(5))
+    # TensorFlow is initialised by now and sees no accelerator; hiding again is harmless.
+    tf = pytest.importorskip("tensorflow")
+    ip.hide_accelerators_from_tf()
+    assert not tf.config.get_visible_devices("GPU") and not tf.config.get_visible_devices("TPU")
