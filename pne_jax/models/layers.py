@@ -117,3 +117,32 @@ def resize(x: jax.Array, size: tuple[int, int], method: str = "bilinear") -> jax
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, 1, 1, C] mean, in float32 for accuracy under bf16."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+
+
+def _bin_matrix(size_in: int, size_out: int) -> jnp.ndarray:
+    """[size_out, size_in] averaging weights of PyTorch's adaptive pooling bins.
+
+    Bin i covers [floor(i * in / out), ceil((i + 1) * in / out)): bins overlap when `in`
+    is not a multiple of `out`, exactly as `nn.AdaptiveAvgPool2d`.
+    """
+    weights = []
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        weights.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size_in)])
+    return jnp.asarray(weights, jnp.float32)
+
+
+def adaptive_avg_pool(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+    """[B, H, W, C] -> [B, *size, C] like PyTorch's `AdaptiveAvgPool2d(size)`.
+
+    Each output cell is the mean of its (possibly overlapping) bin of rows and columns;
+    computed as two small averaging matmuls in float32.
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    rows = _bin_matrix(x.shape[1], out_h)
+    cols = _bin_matrix(x.shape[2], out_w)
+    pooled = jnp.einsum(
+        "ph,bhwc,qw->bpqc", rows, x.astype(jnp.float32), cols, precision=jax.lax.Precision.HIGHEST
+    )
+    return pooled.astype(x.dtype)
