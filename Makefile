@@ -19,14 +19,14 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $@
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pne_jax tests benchmarks data
-	$(VENV)/bin/ruff format --check pne_jax tests benchmarks data
+	$(VENV)/bin/ruff check pne_jax tests benchmarks data configs main.py
+	$(VENV)/bin/ruff format --check pne_jax tests benchmarks data configs main.py
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m benchmarks.bench_loss --classes=19 --batch=2
+	$(PY) main.py --config=configs/demo.py --workdir=runs/demo
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench_loss $(BENCH_ARGS)

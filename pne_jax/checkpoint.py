@@ -133,6 +133,13 @@ class Checkpointer:
         )
         return restored.state
 
+    def read(self, step: int) -> Any:
+        """The saved state as stored (no target layout, no config check): for inspection."""
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        return restored.state
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
         self._manager.wait_until_finished()

@@ -1,0 +1,194 @@
+"""Shared blocks of the experiment configs: one place for each recipe of the paper.
+
+Each experiment file calls `experiment(...)` with its dataset, model and schedule blocks;
+every field is named after what it does and can be overridden on the command line
+(`--config.train.steps=100`). Defaults follow MMSegmentation 0.13's configs, which the
+paper's code uses.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+CITYSCAPES_CLASSES, ADE20K_CLASSES, COCO_STUFF_CLASSES = 19, 150, 171
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'80k,base' or 'steps=80000' -> {'80k': True, 'base': True} / {'steps': '80000'}."""
+    options = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        options[key] = value if value else True
+    return options
+
+
+def pne(enabled: bool = True) -> ml_collections.ConfigDict:
+    """The paper's PNE settings (Cityscapes DeepLabV3-R101): S=100, temperature 1, weight 1.3,
+    gate (0, 199), positive weighting. `--config.pne.enabled=False` is the baseline."""
+    return ml_collections.ConfigDict(
+        dict(
+            enabled=enabled,
+            num_samples=100,
+            temperature=1.0,
+            loss_weight=1.3,
+            gate=(0, 199),
+            positive_weighting=True,
+            max_pairs_per_image=placeholder(int),
+        )
+    )
+
+
+def loss(aux_weight: float = 0.4) -> ml_collections.ConfigDict:
+    """Cross-entropy averaged over all pixels (MMSegmentation 0.13), aux head weight 0.4."""
+    return ml_collections.ConfigDict(dict(aux_weight=aux_weight, average_over_valid=False))
+
+
+def sgd_poly(learning_rate: float = 0.01, weight_decay: float = 5e-4) -> ml_collections.ConfigDict:
+    """MMSegmentation's CNN schedule: SGD momentum 0.9, poly decay (power 0.9) to 1e-4."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            learning_rate=learning_rate,
+            momentum=0.9,
+            weight_decay=weight_decay,
+            no_weight_decay=(),
+            schedule="poly",
+            power=0.9,
+            min_learning_rate=1e-4,
+            warmup_steps=0,
+            warmup_ratio=1e-6,
+            grad_clip_norm=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+
+
+def adamw_swin() -> ml_collections.ConfigDict:
+    """UperNet-Swin's schedule: AdamW 6e-5, weight decay 0.01 (none on norms and position
+    tables), linear warm-up over 1500 steps from 1e-6 x, then poly decay (power 1) to 0."""
+    config = sgd_poly(learning_rate=6e-5, weight_decay=0.01)
+    config.update(
+        dict(
+            name="adamw",
+            no_weight_decay=("norm", "relative_position_bias_table", "absolute_pos_embed"),
+            power=1.0,
+            min_learning_rate=0.0,
+            warmup_steps=1500,
+        )
+    )
+    return config
+
+
+def train(steps: int, global_batch_size: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            global_batch_size=global_batch_size,
+            grad_accum_steps=1,
+            log_every=50,
+            eval_every=4000,
+            checkpoint_every=4000,
+            keep_checkpoints=3,
+        )
+    )
+
+
+def data(
+    name: str,
+    *,
+    base_size: tuple[int, int],
+    crop_size: tuple[int, int],
+    test_size: tuple[int, int],
+    eval_pad_size=None,
+    eval_label_pad_size=None,
+) -> ml_collections.ConfigDict:
+    """A prepared dataset and MMSegmentation's standard pipeline (rescale 0.5-2.0, crop with
+    cat_max_ratio 0.75, flip, photometric distortion). Sizes: base/test (long, short edge),
+    crop and pads (height, width)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,
+            data_dir=placeholder(str),
+            options={},
+            train_split="train",
+            eval_split="validation",
+            base_size=base_size,
+            crop_size=crop_size,
+            ratio_range=(0.5, 2.0),
+            cat_max_ratio=0.75,
+            flip_prob=0.5,
+            photometric=True,
+            test_size=test_size,
+            eval_pad_size=eval_pad_size or placeholder(tuple),
+            eval_label_pad_size=eval_label_pad_size or placeholder(tuple),
+            ignore_index=255,
+            seed=0,
+            num_workers=2,
+            num_threads=1,
+            worker_buffer_size=2,
+        )
+    )
+
+
+def cityscapes(crop_size=(512, 1024)) -> ml_collections.ConfigDict:
+    return data(
+        "cityscapes",
+        base_size=(2048, 1024),
+        crop_size=crop_size,
+        test_size=(2048, 1024),
+        eval_pad_size=(1024, 2048),
+        eval_label_pad_size=(1024, 2048),
+    )
+
+
+def ade20k() -> ml_collections.ConfigDict:
+    # Validation sizes vary: the pipeline scans the split once for its pad sizes.
+    return data("ade20k", base_size=(2048, 512), crop_size=(512, 512), test_size=(2048, 512))
+
+
+def coco_stuff() -> ml_collections.ConfigDict:
+    # COCO images are at most 640 px on a side.
+    return data(
+        "coco_stuff164k",
+        base_size=(2048, 512),
+        crop_size=(512, 512),
+        test_size=(2048, 512),
+        eval_pad_size=(512, 2048),
+        eval_label_pad_size=(640, 640),
+    )
+
+
+def model(
+    backbone: str, decode_head: str, num_classes: int, **options
+) -> ml_collections.ConfigDict:
+    """A `pne_jax.models.build_model` config; options override MMSegmentation's defaults."""
+    config = dict(
+        backbone=backbone,
+        decode_head=decode_head,
+        num_classes=num_classes,
+        pretrained=placeholder(str),
+        dtype="float32",
+        projection=dict(enabled=True, hidden=512, out=256, feature="decode"),
+    )
+    config.update(options)
+    return ml_collections.ConfigDict(config)
+
+
+def experiment(
+    *, model_config, data_config, optimizer, train_config, pne_config=None, eval_batch: int = 8
+) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model_config
+    config.data = data_config
+    config.optimizer = optimizer
+    config.train = train_config
+    config.loss = loss()
+    config.pne = pne_config or pne()
+    config.eval = ml_collections.ConfigDict(
+        dict(global_batch_size=eval_batch, mode="whole", checkpoint=placeholder(int))
+    )
+    return config

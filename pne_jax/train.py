@@ -1,0 +1,472 @@
+"""Training: the pure, sharded train step and the loop around it (`train_and_evaluate`).
+
+The step is one `jax.jit` program over a 1-D mesh of every device of every host: the batch
+is sharded along "data", the state replicated, its buffers donated. BatchNorm statistics and
+the PNE reduction are therefore global over the batch (the reference's SyncBN and loss).
+Loss = cross-entropy of the logits upsampled to the crop + `aux_weight` x the auxiliary
+head's + PNE on the feature-resolution logits, with labels resized by PyTorch's nearest rule
+(`resize_labels_nearest`), exactly as the reference feeds it.
+
+The loop keeps side effects at the edge: input, logging, evaluation, checkpoints, signals.
+A non-finite loss is recorded inside the step (first step and which part) and checked at
+every log and before every checkpoint, so training stops with an error naming them before
+a checkpoint of that state is written, without a host sync per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pne_jax import checkpoint, evaluate, input_pipeline, optim, pretrained
+from pne_jax.losses import pne
+from pne_jax.losses.cross_entropy import cross_entropy
+from pne_jax.models import build_model
+from pne_jax.models.layers import resize
+
+LOSS_PARTS = ("ce", "aux", "pne")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 [], steps done
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 key data: dropout / drop-path randomness, folded with the step
+    bad_step: jax.Array  # int32 [], first step with a non-finite loss part, -1 if none
+    bad_parts: jax.Array  # int32 [], bit i set: LOSS_PARTS[i] was non-finite at bad_step
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D "data" mesh over all devices (of all hosts), Auto axes."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    if global_batch_size % mesh.size:
+        raise ValueError(
+            f"config.train.global_batch_size={global_batch_size} is not divisible by the "
+            f"{mesh.size} devices; use a multiple of {mesh.size}"
+        )
+
+
+def pne_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of `pne_batch_stats` from `config.pne`."""
+    cfg = config.pne
+    return dict(
+        num_samples=cfg.num_samples,
+        temperature=cfg.temperature,
+        gate=tuple(cfg.gate),
+        positive_weighting=cfg.positive_weighting,
+        ignore_index=config.data.ignore_index,
+        max_pairs_per_image=cfg.max_pairs_per_image,
+    )
+
+
+def losses(
+    outputs: dict[str, jax.Array], labels: jax.Array, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and its parts (plus PNE pair counts) for one batch of model outputs."""
+    size = labels.shape[1:3]
+    average = config.loss.average_over_valid
+    ignore = config.data.ignore_index
+    logits = outputs["logits"]
+    parts = {
+        "ce": cross_entropy(
+            resize(logits, size), labels, ignore_index=ignore, average_over_valid=average
+        )
+    }
+    zero = jnp.zeros((), jnp.float32)
+    parts["aux"] = zero
+    if outputs.get("aux_logits") is not None:
+        aux = resize(outputs["aux_logits"], size)
+        parts["aux"] = cross_entropy(aux, labels, ignore_index=ignore, average_over_valid=average)
+    parts["pne"] = zero
+    counts = {"pne_pairs": zero, "pne_anchors": zero, "pne_dropped_pairs": zero}
+    if config.pne.enabled:
+        small = pne.resize_labels_nearest(labels, logits.shape[1:3])
+        stats = pne.pne_batch_stats(logits, small, outputs["embeddings"], **pne_options(config))
+        parts["pne"] = pne.pne_reduce(
+            stats, num_samples=config.pne.num_samples, loss_weight=config.pne.loss_weight
+        )
+        counts = {
+            "pne_pairs": jnp.sum(stats.num_pairs).astype(jnp.float32),
+            "pne_anchors": jnp.sum(stats.num_anchors).astype(jnp.float32),
+            "pne_dropped_pairs": jnp.sum(stats.dropped_pairs).astype(jnp.float32),
+        }
+    total = parts["ce"] + config.loss.aux_weight * parts["aux"] + parts["pne"]
+    return total, parts | counts
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step (state, batch) -> (state, metrics); `grad_accum_steps` micro-batches
+    are processed in sequence (BatchNorm and PNE then see each micro-batch alone)."""
+    micro = int(config.train.grad_accum_steps)
+
+    def grads_of(params, batch_stats, images, labels, rng):
+        def loss_fn(params):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
+            )
+            total, parts = losses(outputs, labels, config)
+            return total, (parts, updates["batch_stats"])
+
+        (total, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, new_stats, parts | {"loss": total}
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        images, labels = batch["image"], batch["label"]
+        if micro == 1:
+            grads, batch_stats, parts = grads_of(
+                state.params, state.batch_stats, images, labels, rng
+            )
+        else:
+            split = lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:])  # noqa: E731
+
+            def body(carry, xs):
+                grads, stats = carry
+                i, im, lb = xs
+                g, stats, parts = grads_of(state.params, stats, im, lb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, grads, g), stats), parts
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, batch_stats), parts = jax.lax.scan(
+                body, (zeros, state.batch_stats), (jnp.arange(micro), split(images), split(labels))
+            )
+            grads = jax.tree.map(lambda g: g / micro, grads)
+            parts = jax.tree.map(jnp.mean, parts)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.stack([jnp.isfinite(parts[k]) for k in LOSS_PARTS])
+        bits = jnp.sum(jnp.where(finite, 0, 2 ** jnp.arange(len(LOSS_PARTS))))
+        first_bad = (state.bad_step < 0) & (bits > 0)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            bad_step=jnp.where(first_bad, state.step, state.bad_step),
+            bad_parts=jnp.where(first_bad, bits, state.bad_parts),
+        )
+        metrics = parts | {
+            "learning_rate": schedule(state.step),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        return new_state, metrics
+
+    return step
+
+
+def init_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+) -> TrainState:
+    """The initial, replicated state (backbone from `config.model.pretrained` if set)."""
+    crop = tuple(config.data.crop_size)
+    image = jnp.zeros((1, *crop, 3), jnp.float32)
+    replicated = NamedSharding(mesh, P())
+    key = jax.random.key(config.seed)
+
+    def init(key):
+        init_key, state_key = jax.random.split(key)
+        variables = model.init(init_key, image, train=False)
+        return variables, jax.random.key_data(state_key)
+
+    variables, rng = jax.jit(init, out_shardings=replicated)(key)
+    if config.model.get("pretrained"):
+        converted = pretrained.load_variables(config.model.pretrained)
+        variables = jax.device_put(pretrained.load_backbone(variables, converted), replicated)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+    minus_one = jax.device_put(jnp.int32(-1), replicated)
+    return TrainState(
+        step=jax.device_put(jnp.int32(0), replicated),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        rng=rng,
+        bad_step=minus_one,
+        bad_parts=jax.device_put(jnp.int32(0), replicated),
+    )
+
+
+def check_finite(state: TrainState) -> None:
+    """Raises FloatingPointError naming the first step and loss parts that were not finite."""
+    bad_step, bad_parts = (int(x) for x in jax.device_get((state.bad_step, state.bad_parts)))
+    if bad_step >= 0:
+        parts = [name for i, name in enumerate(LOSS_PARTS) if bad_parts & (1 << i)]
+        raise FloatingPointError(
+            f"non-finite loss at step {bad_step + 1} in {', '.join(parts)}; stopping before "
+            "any checkpoint of it is written"
+        )
+
+
+class _Preemption:
+    """SIGTERM -> stop at the next step boundary (single host); pods use JAX's sync point."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+    """Sets the default `data_dir` (~/tensorflow_datasets), prepares the synthetic set if
+    needed (no download), and fails early, naming the command, for an unprepared dataset."""
+    import data
+
+    if not config.data.data_dir:
+        config.data.data_dir = os.path.expanduser("~/tensorflow_datasets")
+    options = dict(config.data.options)
+    if config.data.name in ("synthetic", "synthetic_semseg"):
+        if jax.process_index() == 0:
+            from data.prepare import prepare
+
+            prepare(config.data.name, config.data.data_dir, **options)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("prepare_data")
+    data.load_builder(config.data.name, config.data.data_dir, **options)
+
+
+def _class_names(config: ml_collections.ConfigDict) -> list[str] | None:
+    """The dataset's class names, when the `data` package (repository checkout) is there."""
+    try:
+        import data
+    except ImportError:
+        return None
+    names = list(data.dataset_meta(config.data.name).class_names)
+    return names if len(names) == config.model.num_classes else None
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _log_line(step: int, total: int, scalars: dict[str, float], rate: float, eta: float) -> str:
+    parts = " ".join(
+        f"{k}={scalars[k]:.4g}"
+        for k in (
+            "loss",
+            *LOSS_PARTS,
+            "pne_pairs",
+            "pne_anchors",
+            "pne_dropped_pairs",
+            "learning_rate",
+        )
+        if k in scalars
+    )
+    return f"step {step}/{total} {parts} {rate:.1f} img/s eta {eta / 60:.1f} min"
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, evaluate_during_training: bool = True
+) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluating every
+    `train.eval_every` steps and at the end (unless `evaluate_during_training` is False).
+    Returns the last evaluation's metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh()
+    check_batch_size(config.train.global_batch_size, mesh)
+    model = build_model(config.model)
+    replicated = NamedSharding(mesh, P())
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.data.crop_size, 3)))
+    )["params"]
+    tx, schedule = optim.build_optimizer(config, abstract_params)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
+    )
+    saved_config = _config_dict(config)
+    state = init_state(model, tx, config, mesh)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, checkpoint.abstract_like(state), saved_config)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    start = int(jax.device_get(state.step))
+
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, config),
+        in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    class_names = _class_names(config)
+    num_classes = int(config.model.num_classes)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False
+    )
+    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
+
+    def write(step: int, scalars: dict[str, float]) -> None:
+        writer.write_scalars(step, scalars)
+        if jsonl is not None:
+            jsonl.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+            jsonl.flush()
+
+    def run_eval(step: int) -> dict[str, Any]:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        results = evaluate.evaluate(
+            model,
+            variables,
+            input_pipeline.eval_iterator(config),
+            num_classes,
+            place=functools.partial(input_pipeline.to_global_array, mesh=mesh),
+            class_names=class_names,
+            ignore_index=config.data.ignore_index,
+        )
+        scalars = {f"eval/{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
+        write(step, scalars)
+        logging.info("eval at step %d: mIoU %.4f aAcc %.4f", step, results["miou"], results["aacc"])
+        return results
+
+    total_steps = int(config.train.steps)
+    global_batch = int(config.train.global_batch_size)
+    batches = input_pipeline.train_iterator(config, start_step=start)
+    results: dict[str, Any] = {}
+    last_time, last_step = time.perf_counter(), start
+    try:
+        with _Preemption() as preemption:
+            step = start
+            while step < total_steps:
+                if preemption.reached(step):
+                    check_finite(state)
+                    if ckpt.latest_step() != step:
+                        ckpt.save(step, state, saved_config)
+                    ckpt.wait()
+                    logging.warning("preempted: saved step %d in %s", step, ckpt.directory)
+                    return results
+                batch = input_pipeline.to_global_array(next(batches), mesh)
+                state, step_metrics = train_step(state, batch)
+                step += 1
+                if step % config.train.log_every == 0 or step == total_steps:
+                    check_finite(state)
+                    scalars = {
+                        f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()
+                    }
+                    now = time.perf_counter()
+                    rate = (step - last_step) * global_batch / max(now - last_time, 1e-9)
+                    eta = (total_steps - step) * global_batch / max(rate, 1e-9)
+                    write(step, scalars | {"train/images_per_second": rate})
+                    logging.info(
+                        _log_line(
+                            step, total_steps, {k[6:]: v for k, v in scalars.items()}, rate, eta
+                        )
+                    )
+                    last_time, last_step = now, step
+                evaluated = evaluate_during_training and (
+                    step % config.train.eval_every == 0 or step == total_steps
+                )
+                if evaluated:
+                    results = run_eval(step)
+                if evaluated or step % config.train.checkpoint_every == 0:
+                    check_finite(state)
+                    miou = {"miou": float(results["miou"])} if evaluated else None
+                    ckpt.save(step, state, saved_config, metrics=miou)
+            if not results and evaluate_during_training:  # already trained: report it
+                results = run_eval(step)
+    finally:
+        batches.close()
+        ckpt.close()
+        writer.close()
+        if jsonl is not None:
+            jsonl.close()
+    return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates `config.eval.checkpoint` (a step; default the latest) of `workdir` on the
+    evaluation split, prints a per-class table and writes `workdir/eval_<step>.json`."""
+    mesh = make_mesh()
+    model = build_model(config.model)
+    abstract_params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *config.data.crop_size, 3)))
+    )["params"]
+    tx, _ = optim.build_optimizer(config, abstract_params)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = config.eval.get("checkpoint") or ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first")
+    state = ckpt.restore(
+        int(step),
+        checkpoint.abstract_like(init_state(model, tx, config, mesh)),
+        _config_dict(config),
+    )
+    ckpt.close()
+    class_names = _class_names(config)
+    results = evaluate.evaluate(
+        model,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        input_pipeline.eval_iterator(config),
+        int(config.model.num_classes),
+        place=functools.partial(input_pipeline.to_global_array, mesh=mesh),
+        class_names=class_names,
+        ignore_index=config.data.ignore_index,
+    )
+    names = class_names or [str(i) for i in range(len(results["iou"]))]
+    table = "\n".join(
+        f"{name:>24} {100 * iou:6.2f} {100 * acc:6.2f}"
+        for name, iou, acc in zip(names, results["iou"], results["acc"], strict=True)
+    )
+    print(f"{'class':>24} {'IoU':>6} {'Acc':>6}\n{table}")
+    print(
+        f"step {step}: mIoU {100 * results['miou']:.2f} mAcc {100 * results['macc']:.2f} "
+        f"aAcc {100 * results['aacc']:.2f}"
+    )
+    if jax.process_index() == 0:
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in results.items()}
+        with open(os.path.join(workdir, f"eval_{int(step)}.json"), "w") as f:
+            json.dump({"step": int(step), "class_names": names, **out}, f, indent=1)
+    return results
