@@ -101,6 +101,37 @@ def test_sharded_steps_equal_single_device():
     )
 
 
+def test_gradient_accumulation_equals_the_full_batch():
+    """Two micro-batches holding the same 4 images equal one batch of those 4 images twice:
+    BatchNorm's batch statistics, the cross-entropy means and PNE's global reduction
+    (sum, P and N all double) do not change under duplication. Dropout is off, so the
+    micro-batches' random keys do not matter."""
+    config = _tiny_config()
+    config.model.dropout = 0.0
+    config.model.aux_head = dict(channels=32, dropout=0.0)
+    model = build_model(config.model)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    tx, schedule = optim.build_optimizer(config, abstract["params"])
+    mesh = train.make_mesh(jax.devices()[:1])
+    half = _batch(np.random.default_rng(3), 4)
+    batch = {k: np.concatenate([v, v]) for k, v in half.items()}
+    results = []
+    for micro in (1, 2):
+        config.train.grad_accum_steps = micro
+        state = train.init_state(model, tx, config, mesh)
+        step = jax.jit(train.make_train_step(model, tx, schedule, config))
+        state, metrics = step(state, batch)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (full, m_full), (accumulated, m_acc) = results
+    assert m_full["pne_pairs"] > 0
+    # The accumulated step really split the batch: each micro-batch saw half the pairs.
+    assert m_acc["pne_pairs"] == m_full["pne_pairs"] / 2
+    np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), accumulated, full
+    )
+
+
 def test_loss_parts_feed_the_reference_inputs():
     """CE on logits upsampled to the crop, PNE on feature-resolution logits with labels
     resized by PyTorch's nearest rule: check against the building blocks directly."""
