@@ -35,7 +35,8 @@ def realistic_batch(rng, b, h, w, c, d, *, classes_per_image=12, patches=24):
     yy, xx = np.mgrid[:h, :w]
     for i in range(b):
         present = rng.choice(c, size=min(c, classes_per_image), replace=False)
-        seeds = rng.integers(0, [h, w], size=(3 * classes_per_image, 2))
+        # One seed per blob: each present class once plus 2 * classes_per_image more.
+        seeds = rng.integers(0, [h, w], size=(len(present) + 2 * classes_per_image, 2))
         seed_class = np.concatenate([present, rng.choice(present, 2 * classes_per_image)])
         dist = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
         labels[i] = seed_class[np.argmin(dist, axis=-1)]
