@@ -11,6 +11,8 @@ Multi-host: on TPU pods and Slurm/Open MPI clusters every process runs this same
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging as pylogging
 import os
 
@@ -35,8 +37,15 @@ _CLUSTER_ENV = (
 )
 
 
-def _multi_host() -> bool:
-    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
+def _on_cloud_tpu() -> bool:
+    """A TPU VM (libtpu installed, TPU chips attached): jax.distributed then reads the slice's
+    workers from the metadata server, on one host or many."""
+    chips = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
+def _use_distributed() -> bool:
+    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1 or _on_cloud_tpu():
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts or any(k in os.environ for k in _CLUSTER_ENV if k != "TPU_WORKER_HOSTNAMES")
@@ -64,7 +73,7 @@ def main(argv: list[str]) -> None:
     input_pipeline.hide_accelerators_from_tf()  # TensorFlow only reads data
     import jax
 
-    if _multi_host():
+    if _use_distributed():
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from pne_jax import train
 

@@ -1,13 +1,19 @@
 """Train-step speed of the paper's configs, and the share of the step spent in PNE.
 
-For each config it times the jitted train step (median after warm-up; compile time apart)
-with PNE on and off, in float32 and bfloat16, on random data, and prints images/s and the
-PNE share of the step (target: under 3%) two ways: `(t_on - t_off) / t_on`, which on a noisy
-CPU is within the noise, and the PNE loss alone (forward + backward, on realistic labels at
-the step's feature shapes) over the step time. By default on CPU it uses a reduced crop and
-batch; `--full` uses each config's own crop and batch (GPU/TPU runs).
+For each config it compiles the trainer's jitted step (`train.make_train_step`, state
+donated) twice, with PNE on and off, and times them alternately on the same random batch
+(one step of each in turn after a warm-up, so load changes on a shared machine hit both
+alike; medians; compile time apart), in float32 and bfloat16. It prints both step times,
+their ratio, images/s and the PNE share of the step (target: under 3%) two ways: the median
+of the paired differences (t_on - t_off) over t_on, and the PNE loss alone (forward +
+backward on realistic labels at the step's feature shapes) over t_on. By default on CPU it
+uses a reduced crop and batch; `--full` uses each config's own crop and batch (GPU/TPU):
+DeepLabV3-R101-D8 at 8x512x1024 (S=100, D=256, C=19) and UperNet-Swin-T at 16x512x512
+(C=150).
 
-    python -m benchmarks.bench_train                      # CPU, reduced sizes
+    python -m benchmarks.bench_train                      # CPU, reduced sizes (2x128x256)
+    python -m benchmarks.bench_train --configs=cityscapes_deeplab,ade20k_upernet_swin:tiny \
+        --dtypes=float32 --repeats=5                      # the README's CPU rows
     python -m benchmarks.bench_train --full --configs=cityscapes_deeplab,ade20k_upernet_swin:tiny
 """
 
@@ -47,7 +53,9 @@ def random_batch(rng, batch, crop, num_classes):
     return {"image": images, "label": labels.astype(np.int32)}
 
 
-def time_step(config, batch, repeats):
+def build_step(config, batch):
+    """(compiled step, initial state, device batch, compile seconds, model, abstract variables)
+    for `config`: the trainer's own jitted step (`train.make_train_step`, state donated)."""
     mesh = train.make_mesh()
     model = build_model(config.model)
     crop = tuple(config.data.crop_size)
@@ -65,16 +73,42 @@ def time_step(config, batch, repeats):
     start = time.perf_counter()
     compiled = step.lower(state, placed).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, placed)  # warm-up
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
+    return compiled, state, placed, compile_s, model, abstract
+
+
+class StepTimer:
+    """One compiled train step and its state, timed a step at a time (after one warm-up)."""
+
+    def __init__(self, config, batch):
+        self.compiled, self.state, self.batch, self.compile_s, model, abstract = build_step(
+            config, batch
+        )
+        self.times: list[float] = []
+        self.outputs = jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=False), abstract, self.batch["image"]
+        )
+        self.run()  # warm-up
+
+    def run(self) -> float:
         start = time.perf_counter()
-        state, metrics = compiled(state, placed)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    outputs = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), abstract, placed["image"])
-    return compile_s, statistics.median(times), float(metrics["pne_pairs"]), outputs
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(self.metrics)
+        return time.perf_counter() - start
+
+    def time(self) -> None:
+        self.times.append(self.run())
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def time_step(config, batch, repeats):
+    """(compile s, median step s, PNE pairs of the last step, output shapes)."""
+    timer = StepTimer(config, batch)
+    for _ in range(repeats):
+        timer.time()
+    return timer.compile_s, timer.median, float(timer.metrics["pne_pairs"]), timer.outputs
 
 
 def time_pne_alone(config, outputs, repeats):
@@ -100,18 +134,20 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="each config's crop and batch")
     parser.add_argument("--crop", default="128,256", help="reduced crop (H,W) without --full")
     parser.add_argument("--batch", type=int, default=2, help="reduced batch without --full")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each, alternating")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {len(jax.devices())} x {device.device_kind}")
     print(
-        f"{'config':>28} {'dtype':>8} {'crop':>9} {'batch':>5} {'compile s':>9} "
-        f"{'step ms':>8} {'img/s':>7} {'no-PNE ms':>9} {'on-off':>7} {'PNE ms':>7} "
-        f"{'PNE share':>9}"
+        f"| {'config':<24} | {'dtype':<8} | {'crop':<9} | batch | compile s on/off | "
+        f"PNE on ms | PNE off ms | on/off | img/s on/off | on-off share | PNE alone ms | "
+        f"alone share |"
     )
+    print("|" + "---|" * 12)
     for spec in args.configs.split(","):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.dtypes.split(","):
             config = load_config(spec)
             config.model.dtype = dtype
             if not args.full:
@@ -122,18 +158,34 @@ def main(argv=None):
             batch = random_batch(
                 np.random.default_rng(0), batch_size, crop, config.model.num_classes
             )
-            compile_s, with_pne, _, outputs = time_step(config, batch, args.repeats)
-            alone = time_pne_alone(config, outputs, args.repeats)
-            config.pne.enabled = False
-            _, without_pne, _, _ = time_step(config, batch, args.repeats)
-            difference = (with_pne - without_pne) / with_pne
+            on = StepTimer(config, batch)
+            off_config = load_config(spec)
+            off_config.update_from_flattened_dict(
+                {"model.dtype": dtype, "pne.enabled": False, **_sizes(config)}
+            )
+            off = StepTimer(off_config, batch)
+            for _ in range(args.repeats):  # alternate, so load changes hit both alike
+                on.time()
+                off.time()
+            alone = time_pne_alone(config, on.outputs, args.repeats)
+            paired = statistics.median(a - b for a, b in zip(on.times, off.times, strict=True))
             print(
-                f"{spec:>28} {dtype:>8} {crop[0]:>4}x{crop[1]:<4} {batch_size:>5} "
-                f"{compile_s:>9.1f} {with_pne * 1e3:>8.1f} {batch_size / with_pne:>7.2f} "
-                f"{without_pne * 1e3:>9.1f} {100 * difference:>6.1f}% {alone * 1e3:>7.1f} "
-                f"{100 * alone / with_pne:>8.1f}%",
+                f"| {spec:<24} | {dtype:<8} | {crop[0]:>4}x{crop[1]:<4} | {batch_size:>5} | "
+                f"{on.compile_s:.1f} / {off.compile_s:.1f} | {on.median * 1e3:.1f} | "
+                f"{off.median * 1e3:.1f} | {on.median / off.median:.3f} | "
+                f"{batch_size / on.median:.2f} / {batch_size / off.median:.2f} | "
+                f"{100 * paired / on.median:.1f}% | {alone * 1e3:.1f} | "
+                f"{100 * alone / on.median:.1f}% |",
                 flush=True,
             )
+            del on, off
+
+
+def _sizes(config) -> dict:
+    return {
+        "data.crop_size": tuple(config.data.crop_size),
+        "train.global_batch_size": int(config.train.global_batch_size),
+    }
 
 
 if __name__ == "__main__":

@@ -40,8 +40,15 @@ def pne(enabled: bool = True) -> ml_collections.ConfigDict:
 
 
 def loss(aux_weight: float = 0.4) -> ml_collections.ConfigDict:
-    """Cross-entropy averaged over all pixels (MMSegmentation 0.13), aux head weight 0.4."""
-    return ml_collections.ConfigDict(dict(aux_weight=aux_weight, average_over_valid=False))
+    """Cross-entropy averaged over all pixels (MMSegmentation 0.13), aux head weight 0.4.
+
+    `fused_upsampling` computes the CE of the bilinearly upsampled logits without
+    materialising them (`cross_entropy.upsampled_cross_entropy`): 1.35x faster for the CE
+    part on CPU, but that part is 0.2% of the step and its sums run in another order, so the
+    default is resize + CE, as MMSegmentation."""
+    return ml_collections.ConfigDict(
+        dict(aux_weight=aux_weight, average_over_valid=False, fused_upsampling=False)
+    )
 
 
 def sgd_poly(learning_rate: float = 0.01, weight_decay: float = 5e-4) -> ml_collections.ConfigDict:
@@ -188,7 +195,30 @@ def experiment(
     config.train = train_config
     config.loss = loss()
     config.pne = pne_config or pne()
-    config.eval = ml_collections.ConfigDict(
-        dict(global_batch_size=eval_batch, mode="whole", checkpoint=placeholder(int))
-    )
+    config.eval = evaluation(data_config, eval_batch)
     return config
+
+
+def evaluation(data_config, global_batch_size: int = 8) -> ml_collections.ConfigDict:
+    """Test-time inference (`pne_jax.evaluate`): MMSegmentation 0.13's modes.
+
+    mode 'whole' (the default, as in the paper's configs) runs the model on the whole image
+    at the test scale; 'slide' on `crop_size` (h, w) windows every `stride` (h, w), averaging
+    overlapping logits, `windows_per_step` windows per image at a time (bounds memory).
+    `scales` (ratios of the test scale) and `flip` give multi-scale + flip testing, averaging
+    softmax probabilities (MMSegmentation's ms+flip: scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    flip=True). `checkpoint`: the step `--mode=eval` evaluates (default the latest).
+    """
+    crop = tuple(int(c) for c in data_config.crop_size)
+    return ml_collections.ConfigDict(
+        dict(
+            global_batch_size=global_batch_size,
+            mode="whole",
+            crop_size=crop,
+            stride=tuple(max(1, 2 * c // 3) for c in crop),
+            windows_per_step=2,
+            scales=(1.0,),
+            flip=False,
+            checkpoint=placeholder(int),
+        )
+    )

@@ -8,10 +8,15 @@
   the existing checkpoints are left untouched.
 * Restores into an abstract target carrying the current shardings, so a run can resume
   on a different number of devices.
+* Before restoring, compares the saved array shapes (orbax metadata, no array is read) with
+  the target's: a checkpoint of another model (other classes, other backbone) is refused
+  with the parameters that differ, named by path with saved and expected shapes.
+* `restore_variables` reads only the model variables of a state, for inference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -61,6 +66,49 @@ def config_differences(
         for name in sorted(set(a) | set(b))
         if a.get(name) != b.get(name) and not may_change(name)
     ]
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/head/kernel': shape} for every array leaf of `tree` (arrays, ShapeDtypeStructs
+    or orbax ArrayMetadata); dataclass fields, dict keys and sequence indices alike become
+    path parts, so a saved tree and its restore target compare by path."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key_name(k) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def shape_mismatches(
+    saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> list[str]:
+    """One line per path whose shape differs or that only one side has (sorted)."""
+    lines = []
+    for path in sorted(set(saved) | set(expected)):
+        if path not in saved:
+            lines.append(f"{path}: not in the checkpoint (expected {expected[path]})")
+        elif path not in expected:
+            lines.append(f"{path}: saved {saved[path]}, not in this model")
+        elif tuple(saved[path]) != tuple(expected[path]):
+            lines.append(f"{path}: saved {saved[path]} vs expected {expected[path]}")
+    return lines
+
+
+def _mismatch_error(directory: str, step: int, lines: list[str], limit: int = 25) -> ValueError:
+    shown = lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+    return ValueError(
+        f"checkpoint step {step} in {directory} does not match the model of this config "
+        f"({len(lines)} arrays differ; is it from another experiment, with other classes or "
+        "another backbone?):\n  " + "\n  ".join(shown)
+    )
 
 
 class Checkpointer:
@@ -127,11 +175,57 @@ class Checkpointer:
                 "refusing to resume or overwrite it. Use another --workdir, or restore the "
                 "config. Fields that differ (saved -> current):\n  " + "\n  ".join(differences)
             )
+        self.check_shapes(step, abstract_state)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)),
         )
         return restored.state
+
+    def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """Path -> shape of every array of the state saved at `step` (metadata only)."""
+        metadata = ocp.PyTreeCheckpointer().metadata(self._state_path(step))
+        return tree_shapes(metadata.item_metadata.tree)
+
+    def _state_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step), "state")
+
+    def check_shapes(self, step: int, abstract: Any) -> None:
+        """Raises ValueError naming each array of `abstract` (a state, or the top-level
+        subtrees of one) whose shape differs from the saved one or is missing, and each
+        saved array under those subtrees that `abstract` lacks."""
+        expected = tree_shapes(abstract)
+        if isinstance(abstract, Mapping):  # also its empty subtrees (a model without BN)
+            roots = set(map(str, abstract))
+        elif dataclasses.is_dataclass(abstract):
+            roots = {field.name for field in dataclasses.fields(abstract)}
+        else:
+            roots = {path.split("/")[0] for path in expected}
+        saved = {
+            path: shape
+            for path, shape in self.saved_shapes(step).items()
+            if path.split("/")[0] in roots
+        }
+        lines = shape_mismatches(saved, expected)
+        if lines:
+            raise _mismatch_error(self.directory, step, lines)
+
+    def restore_variables(self, step: int, abstract_variables: Mapping[str, Any]) -> dict:
+        """Only the subtrees of the saved state named by `abstract_variables` (e.g. params and
+        batch_stats, for inference), laid out as it says; the optimizer state is not read.
+
+        Raises ValueError naming every array whose path or shape differs (saved vs expected).
+        """
+        self.check_shapes(step, abstract_variables)
+        restored = ocp.PyTreeCheckpointer().restore(
+            self._state_path(step),
+            args=ocp.args.PyTreeRestore(
+                item=dict(abstract_variables),
+                restore_args=ocp.checkpoint_utils.construct_restore_args(dict(abstract_variables)),
+                partial_restore=True,
+            ),
+        )
+        return dict(restored)
 
     def read(self, step: int) -> Any:
         """The saved state as stored (no target layout, no config check): for inspection."""

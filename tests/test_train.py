@@ -158,6 +158,20 @@ def test_loss_parts_feed_the_reference_inputs():
     np.testing.assert_allclose(parts["pne"], pne, rtol=1e-6)
     np.testing.assert_allclose(total, parts["ce"] + 0.4 * parts["aux"] + parts["pne"], rtol=1e-6)
 
+    # `loss.fused_upsampling` gives the same parts and gradients within float32 rounding.
+    config.loss.fused_upsampling = True
+    fused_total, fused_parts = train.losses(outputs, jnp.asarray(labels), config)
+    for key in ("ce", "aux", "pne"):
+        np.testing.assert_allclose(fused_parts[key], parts[key], rtol=2e-6, err_msg=key)
+
+    def grad_of(fused: bool):
+        config.loss.fused_upsampling = fused
+        return jax.grad(lambda o: train.losses(o, jnp.asarray(labels), config)[0])(outputs)
+
+    for key, want in grad_of(False).items():
+        got = grad_of(True)[key]
+        np.testing.assert_allclose(got, want, atol=1e-6 * float(np.max(np.abs(want))), err_msg=key)
+
 
 def test_non_finite_loss_names_step_and_part():
     state = train.TrainState(

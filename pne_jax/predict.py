@@ -1,0 +1,388 @@
+"""Inference on image files: label PNGs, colorized PNGs, overlays and Cityscapes submissions.
+
+    python -m pne_jax.predict --config=configs/demo.py --workdir=runs/demo \\
+        --images='photos/*.jpg' --out=predictions
+    python -m pne_jax.predict --config=configs/cityscapes_deeplab.py --workdir=runs/cs_deeplab \\
+        --images='leftImg8bit/test/*/*_leftImg8bit.png' --out=submission --cityscapes_submission
+
+The checkpoint is the workdir's latest (or `--config.eval.checkpoint=STEP`); config overrides
+work as in main.py. Each image goes through the evaluation pipeline's preprocessing (resized to
+fit `config.data.test_size`, ratio kept, normalised, padded at the bottom and right) and the
+config's test mode (`evaluate.predict_batch`), and is predicted at its original resolution.
+For each input `<stem>.<ext>` the output folder gets `<stem>.png` (train ids, uint8),
+`<stem>_color.png` (the dataset's palette) and `<stem>_overlay.png` (the palette on the image).
+
+`--cityscapes_submission` writes instead one label-id PNG per image (train ids mapped back by
+cityscapesScripts' table), named `<city>_<seq>_<frame>_leftImg8bit.png`, flat in the output
+folder: cityscapesScripts' evalPixelLevelSemanticLabeling (and the test server) look up the
+prediction of `<city>_<seq>_<frame>_gtFine_labelIds.png` as the single file matching
+`<city>_<seq>_<frame>*.png` anywhere under the results folder, so the folder holds nothing else.
+
+Every batch has one static shape (images padded to the largest resized image of the whole
+set, or `config.data.eval_pad_size` if larger), so the prediction compiles once; the last batch
+is completed with masked fillers. An image that cannot be read is logged and skipped; the CLI
+lists the failures at the end and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging as pylogging
+import math
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from pne_jax import augment, evaluate, input_pipeline, visualize
+from pne_jax.models import build_model
+
+# cityscapesScripts' getCsFileInfo: the first three "_"-separated parts name the frame.
+CITYSCAPES_FRAME = re.compile(r"^([A-Za-z]+)_(\d{6})_(\d{6})(?:_|\.|$)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """An input that produced no output, and why."""
+
+    path: str
+    error: str
+
+
+def _data_field(config: ml_collections.ConfigDict, name: str):
+    value = config.data.get(name, input_pipeline.DATA_DEFAULTS[name])
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def find_images(pattern: str) -> list[str]:
+    """Sorted files matching the glob `pattern` (`**` recurses); FileNotFoundError if none."""
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError(f"--images={pattern!r} matches no file")
+    return paths
+
+
+def read_image(path: str) -> np.ndarray:
+    """The image at `path` as uint8 RGB [H, W, 3] (decoded completely, so damage shows here)."""
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(image.convert("RGB"))
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:  # reads the header only
+        return image.height, image.width
+
+
+# --- Cityscapes submission ----------------------------------------------------------------------
+
+
+def cityscapes_submission_name(path: str) -> str:
+    """`<city>_<seq>_<frame>_leftImg8bit.png` for a Cityscapes image file name; ValueError if
+    the name does not start with `<city>_<6 digits>_<6 digits>`."""
+    match = CITYSCAPES_FRAME.match(os.path.basename(path))
+    if match is None:
+        raise ValueError(
+            f"{os.path.basename(path)!r} is not a Cityscapes file name "
+            "(<city>_<6 digits>_<6 digits>_leftImg8bit.png); the evaluation matches "
+            "predictions to ground truth by that prefix"
+        )
+    return "{}_{}_{}_leftImg8bit.png".format(*match.groups())
+
+
+def cityscapes_train_to_label_id() -> np.ndarray:
+    """uint8 [256] lookup: Cityscapes train id (0..18) -> label id (7, 8, 11, ..., 33), as
+    cityscapesScripts' `trainId2label` (the first label listed with that train id); every
+    other value maps to 0 (`unlabeled`)."""
+    from data.labels import CITYSCAPES_LABEL_TABLE
+
+    lut = np.zeros(256, np.uint8)
+    for _, label_id, train_id, _ in reversed(CITYSCAPES_LABEL_TABLE):  # first listed wins
+        if 0 <= train_id < 255 and label_id >= 0:
+            lut[train_id] = label_id
+    return lut
+
+
+# --- Prediction ---------------------------------------------------------------------------------
+
+
+def _devices_for(batch_size: int) -> list:
+    """The most local devices that split `batch_size` evenly."""
+    devices = jax.local_devices()
+    return devices[: math.gcd(batch_size, len(devices))]
+
+
+def _fillers(batch: list[dict], size: int) -> list[dict]:
+    filler = {"image": None, "size": (0, 0), "resized": (0, 0)}
+    return batch + [filler] * (size - len(batch))
+
+
+def _host_batch(examples: list[dict], pad_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Examples -> a batch in input_pipeline's eval format (fillers have image None)."""
+    images = [
+        augment.pad_to(
+            e["normalized"] if e["image"] is not None else np.zeros((0, 0, 3), np.float32),
+            pad_size,
+            0.0,
+        )
+        for e in examples
+    ]
+    return {
+        "image": np.stack(images),  # [b, Hp, Wp, 3]
+        "image_size": np.array([e["resized"] for e in examples], np.int32),  # [b, 2]
+        "label_size": np.array([e["size"] for e in examples], np.int32),  # [b, 2]
+        "mask": np.array([e["image"] is not None for e in examples]),  # [b]
+    }
+
+
+class Predictor:
+    """One jitted `evaluate.predict_batch` for batches of `batch_size` images padded to
+    `pad_size`, predicting into [batch_size, *out_shape]; sharded over the local devices that
+    divide the batch, with the variables replicated."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        variables: Any,
+        batch_size: int,
+        pad_size: tuple[int, int],
+        out_shape: tuple[int, int],
+    ):
+        self.batch_size, self.pad_size, self.out_shape = batch_size, pad_size, out_shape
+        model = build_model(config.model)
+        eval_config = config.get("eval")
+        mesh = Mesh(np.array(_devices_for(batch_size)), ("data",))
+        self.sharding = NamedSharding(mesh, P("data"))
+        self.variables = jax.device_put(variables, NamedSharding(mesh, P()))
+
+        def predict(variables, batch):
+            return evaluate.predict_batch(model, variables, batch, out_shape, eval_config)
+
+        self._predict = jax.jit(predict, out_shardings=self.sharding)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> jax.Array:
+        """int32 [batch_size, *out_shape] (dispatched asynchronously)."""
+        return self._predict(self.variables, jax.device_put(batch, self.sharding))
+
+
+def _output_names(paths: Sequence[str], cityscapes_submission: bool) -> list[str]:
+    if cityscapes_submission:
+        names = [cityscapes_submission_name(p) for p in paths]
+    else:
+        names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    seen: dict[str, str] = {}
+    for path, name in zip(paths, names, strict=True):
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {path} would both be written as {name}")
+        seen[name] = path
+    return names
+
+
+def _write_outputs(
+    example: dict,
+    prediction: np.ndarray,
+    out_dir: str,
+    colours: np.ndarray,
+    label_ids: np.ndarray | None,
+) -> None:
+    h, w = example["size"]
+    train_ids = prediction[:h, :w]  # [h, w] int32
+    if label_ids is not None:
+        if train_ids.max(initial=0) >= 19:
+            raise ValueError(f"train id {train_ids.max()} is not a Cityscapes train id (0..18)")
+        Image.fromarray(label_ids[train_ids]).save(os.path.join(out_dir, example["name"]))
+        return
+    stem = os.path.join(out_dir, example["name"])
+    Image.fromarray(train_ids.astype(np.uint8)).save(stem + ".png")
+    colored = visualize.colorize(train_ids, colours, ignore_index=None)
+    Image.fromarray(colored).save(stem + "_color.png")
+    Image.fromarray(visualize.overlay(example["image"], colored)).save(stem + "_overlay.png")
+
+
+def predict_images(
+    config: ml_collections.ConfigDict,
+    variables: Any,
+    paths: Sequence[str],
+    out_dir: str,
+    *,
+    batch_size: int | None = None,
+    cityscapes_submission: bool = False,
+) -> list[Failure]:
+    """Predicts every image in `paths` with `variables` ({"params", "batch_stats"}) and writes
+    the outputs described in the module docstring to `out_dir`. Returns the inputs that failed
+    (unreadable, or their outputs could not be written); the others are all written.
+
+    `batch_size` defaults to `config.eval.global_batch_size`, capped at the number of images.
+    """
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no images to predict")
+    num_classes = int(config.model.num_classes)
+    names = _output_names(paths, cityscapes_submission)
+    colours, label_ids = None, None
+    if cityscapes_submission:
+        if num_classes > 19:
+            raise ValueError(f"a Cityscapes submission needs <= 19 classes, not {num_classes}")
+        if config.data.name not in ("cityscapes", "cityscapes_semseg"):
+            logging.warning(
+                "config.data.name is %r: train ids may not be Cityscapes'", config.data.name
+            )
+        label_ids = cityscapes_train_to_label_id()
+    else:
+        colours = visualize.palette(config.data.name)
+        if len(colours) < num_classes:
+            raise ValueError(
+                f"the {config.data.name} palette has {len(colours)} colours for "
+                f"{num_classes} classes"
+            )
+    os.makedirs(out_dir, exist_ok=True)
+    test_size = _data_field(config, "test_size")
+
+    failures: list[Failure] = []
+    sizes: dict[int, tuple[int, int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            sizes[i] = _image_size(path)
+        except Exception as e:  # any unreadable file: report it, go on
+            logging.error("cannot read %s: %s", path, e)
+            failures.append(Failure(path, f"{type(e).__name__}: {e}"))
+    if not sizes:
+        return failures
+    resized = {i: augment.keep_ratio_size(s, test_size) for i, s in sizes.items()}
+    pad_size = tuple(max(r[k] for r in resized.values()) for k in (0, 1))
+    eval_pad = _data_field(config, "eval_pad_size")
+    if eval_pad:  # pad as evaluation does, where the images fit
+        pad_size = tuple(max(a, b) for a, b in zip(pad_size, eval_pad, strict=True))
+    out_shape = tuple(max(s[k] for s in sizes.values()) for k in (0, 1))
+    if batch_size is None:
+        batch_size = int(config.get("eval", {}).get("global_batch_size", 1) or 1)
+        batch_size = min(batch_size, len(sizes))
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    predictor = Predictor(config, variables, batch_size, pad_size, out_shape)
+    logging.info(
+        "predicting %d images in batches of %d, padded to %s, on %d device(s)",
+        len(sizes),
+        batch_size,
+        pad_size,
+        predictor.sharding.mesh.size,
+    )
+
+    def load(i: int) -> dict | None:
+        try:
+            image = read_image(paths[i])
+        except Exception as e:  # reported, the others still written
+            logging.error("cannot read %s: %s", paths[i], e)
+            failures.append(Failure(paths[i], f"{type(e).__name__}: {e}"))
+            return None
+        return {
+            "path": paths[i],
+            "name": names[i],
+            "image": image,
+            "normalized": augment.eval_transform(image, test_size),
+            "size": image.shape[:2],
+            "resized": resized[i],
+        }
+
+    def write(examples: list[dict], predictions: jax.Array) -> None:
+        predictions = np.asarray(predictions)
+        for example, prediction in zip(examples, predictions, strict=False):
+            try:
+                _write_outputs(example, prediction, out_dir, colours, label_ids)
+            except Exception as e:  # reported, the others still written
+                logging.error("cannot write the prediction of %s: %s", example["path"], e)
+                failures.append(Failure(example["path"], f"{type(e).__name__}: {e}"))
+
+    order = sorted(sizes)
+    pending = None  # the previous batch, written while the device computes the next
+    done = 0
+    for start in range(0, len(order), batch_size):
+        examples = [e for e in map(load, order[start : start + batch_size]) if e is not None]
+        if not examples:
+            continue
+        predictions = predictor(_host_batch(_fillers(examples, batch_size), pad_size))
+        if pending is not None:
+            write(*pending)
+        pending = (examples, predictions)
+        done += len(examples)
+        logging.info("predicted %d / %d images", done, len(paths))
+    if pending is not None:
+        write(*pending)
+    position = {p: i for i, p in enumerate(paths)}
+    return sorted(failures, key=lambda f: position[f.path])
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so that importing this module next
+    to main.py (a notebook, a test) defines no flag twice."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+    flags.DEFINE_string("images", None, "Glob of the input images ('**' recurses).")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_bool(
+        "cityscapes_submission",
+        False,
+        "Write only Cityscapes label-id PNGs named for the evaluation and the test server.",
+    )
+    flags.DEFINE_integer(
+        "batch_size", None, "Images per step (default: config.eval.global_batch_size)."
+    )
+    flags.mark_flags_as_required(["config", "workdir", "images", "out"])
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # As main.py: orbax's info lines only at debug level, so the console shows the progress.
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+    )
+    input_pipeline.hide_accelerators_from_tf()  # TensorFlow (label tables) never sees accelerators
+    from pne_jax import train
+
+    FLAGS = flags.FLAGS
+    config = FLAGS.config
+    try:
+        paths = find_images(FLAGS.images)
+        variables, step = train.load_variables(config, FLAGS.workdir)
+    except (FileNotFoundError, ValueError) as e:  # no image, no or another checkpoint
+        raise SystemExit(f"error: {e}") from e
+    print(f"predicting {len(paths)} images with step {step} of {FLAGS.workdir}", flush=True)
+    failures = predict_images(
+        config,
+        variables,
+        paths,
+        FLAGS.out,
+        batch_size=FLAGS.batch_size,
+        cityscapes_submission=FLAGS.cityscapes_submission,
+    )
+    written = len(paths) - len(failures)
+    print(f"wrote the predictions of {written} of {len(paths)} images to {FLAGS.out}", flush=True)
+    if failures:
+        lines = "\n".join(f"  {f.path}: {f.error}" for f in failures)
+        raise SystemExit(f"{len(failures)} of {len(paths)} images failed:\n{lines}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
