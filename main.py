@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -57,18 +56,12 @@ def _config_name(flag_value: str) -> str:
     return f"{name}_{arg.replace(',', '_')}" if arg else name
 
 
-class _QuietOrbax(pylogging.Filter):
-    """Keeps the console to the progress report: orbax's info lines only at debug level."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
-    from pne_jax import input_pipeline
+    from pne_jax import checkpoint, input_pipeline
+
+    checkpoint.quiet_orbax_logs()  # the console keeps to the progress report
 
     input_pipeline.hide_accelerators_from_tf()  # TensorFlow only reads data
     import jax

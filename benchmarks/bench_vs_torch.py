@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from jax.sharding import SingleDeviceSharding
 from torch import nn
 
+from benchmarks import hlo
 from benchmarks.bench_train import StepTimer, load_config, random_batch
 from pne_jax import optim, train
 from pne_jax.models import build_model
@@ -317,100 +318,49 @@ def jax_param_groups(params) -> dict[str, int]:
 
 # --- FLOPs of our step from its HLO --------------------------------------------------------
 
-_LINE = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_SHAPE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
-
-
-def _split_type(rest: str) -> tuple[str, str]:
-    """'f32[2,3]{1,0} convolution(...)' -> (type, remainder); tuple types included."""
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                return rest[: i + 1], rest[i + 1 :].lstrip()
-    type_, _, remainder = rest.partition(" ")
-    return type_, remainder
-
-
-def _dims(type_: str) -> list[int]:
-    match = _SHAPE.search(type_)
-    return [int(d) for d in match.group(1).split(",") if d] if match else []
-
 
 def hlo_conv_flops(text: str) -> dict[str, float]:
     """{'conv': FLOPs of live convolutions, 'dot': of live dots} in HLO text (unoptimised or
     compiled; cuDNN convolution custom-calls included). Dead code (unreachable from the
     entry's ROOT) is skipped; a live instruction makes every computation it calls live."""
-    comps: dict[str, dict] = {}
-    entry, current = None, None
-    for line in text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            comps[current] = {"instrs": {}, "root": None}
-            if line.startswith("ENTRY"):
-                entry = current
-            continue
-        match = _LINE.match(line)
-        if current is None or not match:
-            continue
-        root, name, rest = match.groups()
-        type_, body = _split_type(rest)
-        opcode = body.split("(", 1)[0]
-        args = body.split("(", 1)[1] if "(" in body else ""
-        depth, end = 1, len(args)
-        for i, ch in enumerate(args):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                end = i
-                break
-        operands = [a.strip().split(" ")[-1].lstrip("%") for a in args[:end].split(",")]
-        called = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", body)
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
-            called += [c.strip().lstrip("%") for c in group.split(",")]
-        comps[current]["instrs"][name] = dict(
-            type=type_, opcode=opcode, operands=[o for o in operands if o], body=body, calls=called
-        )
-        if root:
-            comps[current]["root"] = name
-    shapes = {n: i["type"] for c in comps.values() for n, i in c["instrs"].items()}
-
-    live_comps, todo = set(), [entry]
+    module = hlo.parse(text)
+    shapes = module.instruction_types()
+    live_comps, todo = set(), [module.entry]
     totals = {"conv": 0.0, "dot": 0.0}
     while todo:
         comp = todo.pop()
-        if comp in live_comps or comp not in comps:
+        if comp in live_comps or comp not in module.computations:
             continue
         live_comps.add(comp)
-        instrs = comps[comp]["instrs"]
+        instrs = module.computations[comp].instructions
         # In the entry, only what the root needs; called computations count entirely.
-        if comp == entry:
-            live, stack = set(), [comps[comp]["root"]]
+        if comp == module.entry:
+            live, stack = set(), [module.computations[comp].root]
             while stack:
                 n = stack.pop()
                 if n in live or n not in instrs:
                     continue
                 live.add(n)
-                stack.extend(instrs[n]["operands"])
+                stack.extend(instrs[n].operands)
         else:
             live = set(instrs)
         for n in live:
             info = instrs[n]
-            todo.extend(info["calls"])
+            todo.extend(c for called in info.called.values() for c in called)
             totals["conv"] += _conv_flops(info, shapes)
-            if info["opcode"] == "dot":
+            if info.opcode == "dot":
                 totals["dot"] += _dot_flops(info, shapes)
     return totals
 
 
-def _conv_flops(info: dict, shapes: dict) -> float:
-    body, opcode = info["body"], info["opcode"]
+def _conv_flops(info: hlo.Instruction, shapes: dict) -> float:
+    body, opcode = info.body, info.opcode
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", body)
     if labels is None:
         return 0.0
     rhs_labels = labels.group(2)
-    ops = [_dims(shapes.get(o, "")) for o in info["operands"]]
-    result = _dims(info["type"])
+    ops = [hlo.dims(shapes.get(o, "")) for o in info.operands]
+    result = hlo.dims(info.type)
     if opcode == "convolution":
         # Each output element sums over the kernel window and its input features.
         rhs = ops[1]
@@ -432,11 +382,11 @@ def _conv_flops(info: dict, shapes: dict) -> float:
     return 2.0 * math.prod(out) * math.prod(kernel) / kernel[rhs_labels.index("o")]
 
 
-def _dot_flops(info: dict, shapes: dict) -> float:
-    lhs = _dims(shapes.get(info["operands"][0], ""))
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", info["body"])
+def _dot_flops(info: hlo.Instruction, shapes: dict) -> float:
+    lhs = hlo.dims(shapes.get(info.operands[0], ""))
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", info.body)
     k = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
-    return 2.0 * math.prod(_dims(info["type"])) * k
+    return 2.0 * math.prod(hlo.dims(info.type)) * k
 
 
 def jax_step_flops(config, batch: dict) -> dict[str, float]:

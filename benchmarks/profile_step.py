@@ -39,7 +39,6 @@ import glob
 import gzip
 import json
 import os
-import re
 import statistics
 import time
 
@@ -47,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import hlo
 from benchmarks.bench_train import build_step, load_config, random_batch
 
 CATEGORIES = (
@@ -59,60 +59,27 @@ CATEGORIES = (
     "other (RNG, metrics, bookkeeping)",
 )
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
-
-def _opcode(rest: str) -> str:
-    """The opcode of an HLO instruction from the text after `name = ` (skips the type)."""
-    if rest.startswith("("):  # tuple type: skip to its closing parenthesis
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                rest = rest[i + 1 :]
-                break
-    else:
-        rest = rest.split(" ", 1)[1] if " " in rest else ""
-    match = re.match(r"\s*([\w\-]+)\(", rest)
-    return match.group(1) if match else ""
-
-
-def parse_hlo(text: str) -> dict[str, dict]:
-    """Compiled HLO text -> {instruction: {opcode, op_name, calls, line}} plus the opcodes
-    of every computation under the key `("computation", name)`."""
+def parse_hlo(text: str) -> dict:
+    """Compiled HLO text -> {instruction: {opcode, op_name, calls, line}} plus, per
+    computation, the opcodes it holds under `("computation", name)` and the computations its
+    fusions call under `("calls", name)`. A fusion without metadata takes its root's scope."""
+    module = hlo.parse(text)
     instructions: dict = {}
     scopes: dict[str, str] = {}  # computation -> op_name of its root (or first named op)
-    current = None
-    for line in text.splitlines():
-        if not line.startswith(" "):
-            match = _COMPUTATION.match(line)
-            current = match.group(1) if match else None
-            if current is not None:
-                instructions[("computation", current)] = set()
-                instructions[("calls", current)] = set()
-            continue
-        match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, rest = match.groups()
-        opcode = _opcode(rest)
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        calls = re.search(r"calls=%?([\w.\-]+)", rest)
-        instructions[name] = dict(
-            opcode=opcode,
-            op_name=op_name.group(1) if op_name else "",
-            calls=calls.group(1) if calls else None,
-            line=rest,
-        )
-        if current is not None:
-            instructions[("computation", current)].add(opcode)
-            if op_name and (line.lstrip().startswith("ROOT") or current not in scopes):
-                scopes[current] = op_name.group(1)
+    for comp in module.computations.values():
+        instructions[("computation", comp.name)] = {i.opcode for i in comp.instructions.values()}
+        instructions[("calls", comp.name)] = set()
+        for ins in comp.instructions.values():
+            calls = ins.called.get("calls", [None])[0]
+            instructions[ins.name] = dict(
+                opcode=ins.opcode, op_name=ins.op_name, calls=calls, line=ins.body
+            )
+            if ins.op_name and (ins.name == comp.root or comp.name not in scopes):
+                scopes[comp.name] = ins.op_name
             if calls:
-                instructions[("calls", current)].add(calls.group(1))
-    for info in instructions.values():  # fusions without metadata: their root's scope
+                instructions[("calls", comp.name)].add(calls)
+    for info in instructions.values():
         if isinstance(info, dict) and not info["op_name"] and info["calls"] in scopes:
             info["op_name"] = scopes[info["calls"]]
     return instructions

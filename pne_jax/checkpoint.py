@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -68,20 +69,13 @@ def config_differences(
     ]
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{'params/head/kernel': shape} for every array leaf of `tree` (arrays, ShapeDtypeStructs
     or orbax ArrayMetadata); dataclass fields, dict keys and sequence indices alike become
     path parts, so a saved tree and its restore target compare by path."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        "/".join(_key_name(k) for k in path): tuple(leaf.shape)
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
         for path, leaf in leaves
         if hasattr(leaf, "shape")
     }
@@ -109,6 +103,21 @@ def _mismatch_error(directory: str, step: int, lines: list[str], limit: int = 25
         f"({len(lines)} arrays differ; is it from another experiment, with other classes or "
         "another backbone?):\n  " + "\n  ".join(shown)
     )
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's records below WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Keeps orbax's info lines (one per save and restore) off the absl console handler, so
+    that the console shows the progress report; for the CLIs."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 class Checkpointer:

@@ -72,7 +72,8 @@ DATA_DEFAULTS = {
 _PERMUTATION, _AUGMENT = 0, 1
 
 
-def _data_field(config: ml_collections.ConfigDict, name: str):
+def data_field(config: ml_collections.ConfigDict, name: str):
+    """`config.data.<name>`, or its default (DATA_DEFAULTS); sequences as tuples."""
     value = config.data.get(name, DATA_DEFAULTS[name])
     if isinstance(value, ml_collections.ConfigDict):
         return value.to_dict()
@@ -83,7 +84,7 @@ def train_augment(config: ml_collections.ConfigDict) -> augment.TrainAugment:
     """The augmentation options in `config.data`."""
     names = ("base_size", "crop_size", "ratio_range", "cat_max_ratio", "flip_prob")
     names += ("photometric", "ignore_index")
-    return augment.TrainAugment(**{k: _data_field(config, k) for k in names})
+    return augment.TrainAugment(**{k: data_field(config, k) for k in names})
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -131,7 +132,7 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
     accepts short names like "cityscapes" and `config.data.options` such as the synthetic set's
     sizes), else through `tfds.data_source`.
     """
-    name, data_dir = _data_field(config, "name"), _data_field(config, "data_dir")
+    name, data_dir = data_field(config, "name"), data_field(config, "data_dir")
     if not name:
         raise ValueError("config.data.name must name a dataset (or pass source=...)")
     hide_accelerators_from_tf()
@@ -141,7 +142,7 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
         data = None
     if data is not None and hasattr(data, "data_source"):
         data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
-        return data.data_source(name, split, data_dir, **_data_field(config, "options"))
+        return data.data_source(name, split, data_dir, **data_field(config, "options"))
     import tensorflow_datasets as tfds
 
     return tfds.data_source(name, split=split, data_dir=data_dir)
@@ -194,7 +195,7 @@ def iterate(
 
 
 def _iterate_config(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> Iterator[Batch]:
-    get = functools.partial(_data_field, config)
+    get = functools.partial(data_field, config)
     return iterate(ds, get("num_workers"), get("num_threads"), get("worker_buffer_size"))
 
 
@@ -264,10 +265,10 @@ def train_dataset(
     b = local_batch_size(global_batch, count)
     aug = train_augment(config)
     if source is None:
-        source = open_source(config, _data_field(config, "train_split"))
+        source = open_source(config, data_field(config, "train_split"))
     if len(source) == 0:
         raise ValueError("the training source is empty")
-    seed = int(_data_field(config, "seed"))
+    seed = int(data_field(config, "seed"))
     element = _TrainElement(source, aug, seed, global_batch, index, count)
     return grain.MapDataset.range(2**40 // b * b).map(element).batch(b, drop_remainder=True)
 
@@ -384,8 +385,8 @@ def eval_dataset(
     global_batch = int(eval_config.get("global_batch_size", config.train.global_batch_size))
     b = local_batch_size(global_batch, count)
     if source is None:
-        source = open_source(config, _data_field(config, "eval_split"))
-    get = functools.partial(_data_field, config)
+        source = open_source(config, data_field(config, "eval_split"))
+    get = functools.partial(data_field, config)
     test_size, pad_size, label_pad_size = (
         get(k) for k in ("test_size", "eval_pad_size", "eval_label_pad_size")
     )

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import logging as pylogging
 import math
 import os
 import re
@@ -43,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from pne_jax import augment, evaluate, input_pipeline, visualize
+from pne_jax import augment, checkpoint, evaluate, input_pipeline, visualize
 from pne_jax.models import build_model
 
 # cityscapesScripts' getCsFileInfo: the first three "_"-separated parts name the frame.
@@ -56,11 +55,6 @@ class Failure:
 
     path: str
     error: str
-
-
-def _data_field(config: ml_collections.ConfigDict, name: str):
-    value = config.data.get(name, input_pipeline.DATA_DEFAULTS[name])
-    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def find_images(pattern: str) -> list[str]:
@@ -246,7 +240,7 @@ def predict_images(
                 f"{num_classes} classes"
             )
     os.makedirs(out_dir, exist_ok=True)
-    test_size = _data_field(config, "test_size")
+    test_size = input_pipeline.data_field(config, "test_size")
 
     failures: list[Failure] = []
     sizes: dict[int, tuple[int, int]] = {}
@@ -260,7 +254,7 @@ def predict_images(
         return failures
     resized = {i: augment.keep_ratio_size(s, test_size) for i, s in sizes.items()}
     pad_size = tuple(max(r[k] for r in resized.values()) for k in (0, 1))
-    eval_pad = _data_field(config, "eval_pad_size")
+    eval_pad = input_pipeline.data_field(config, "eval_pad_size")
     if eval_pad:  # pad as evaluation does, where the images fit
         pad_size = tuple(max(a, b) for a, b in zip(pad_size, eval_pad, strict=True))
     out_shape = tuple(max(s[k] for s in sizes.values()) for k in (0, 1))
@@ -351,10 +345,7 @@ def main(argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # As main.py: orbax's info lines only at debug level, so the console shows the progress.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-    )
+    checkpoint.quiet_orbax_logs()  # the console shows the progress
     input_pipeline.hide_accelerators_from_tf()  # TensorFlow (label tables) never sees accelerators
     from pne_jax import train
 

@@ -458,11 +458,12 @@ def load_variables(
     `config.model` builds (other classes, other backbone).
     """
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"no checkpoints in {directory}: train first (python main.py --config=... "
-            f"--workdir={workdir}), or pass the --workdir of a trained run"
-        )
+    no_checkpoint = FileNotFoundError(
+        f"no checkpoints in {directory}: train first (python main.py --config=... "
+        f"--workdir={workdir}), or pass the --workdir of a trained run"
+    )
+    if not os.path.isdir(directory):  # (a Checkpointer would create it)
+        raise no_checkpoint
     ckpt = checkpoint.Checkpointer(directory)
     try:
         steps = ckpt.all_steps()
@@ -471,10 +472,7 @@ def load_variables(
         if step is None:
             step = ckpt.latest_step()
         if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {directory}: train first (python main.py --config=... "
-                f"--workdir={workdir}), or pass the --workdir of a trained run"
-            )
+            raise no_checkpoint
         if int(step) not in steps:
             raise FileNotFoundError(
                 f"no checkpoint of step {step} in {directory}; saved steps: {sorted(steps)}"

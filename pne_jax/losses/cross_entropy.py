@@ -36,7 +36,11 @@ def cross_entropy(
     valid = labels != ignore_index
     safe = jnp.where(valid, labels, 0)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-    total = jnp.sum(jnp.where(valid, losses, 0.0))
+    return _mean(jnp.sum(jnp.where(valid, losses, 0.0)), valid, average_over_valid)
+
+
+def _mean(total: jax.Array, valid: jax.Array, average_over_valid: bool) -> jax.Array:
+    """`total` over all pixels, or over the valid ones (0 when there are none)."""
     count = jnp.sum(valid) if average_over_valid else valid.size
     return total / jnp.maximum(count, 1).astype(jnp.float32)
 
@@ -103,8 +107,7 @@ def upsampled_cross_entropy(
     labels = jnp.reshape(labels, (b, h, scale, w, scale))
     valid = labels != ignore_index
     total = _upsampled_ce_sum(logits.astype(jnp.float32), jnp.where(valid, labels, -1), scale)
-    count = jnp.sum(valid) if average_over_valid else valid.size
-    return total / jnp.maximum(count, 1).astype(jnp.float32)
+    return _mean(total, valid, average_over_valid)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
