@@ -419,7 +419,6 @@ def test_synthetic_default_preparation(tmp_path):
     builder = prepare("synthetic", tmp_path)
     seconds = time.perf_counter() - start
     print(f"synthetic default (400 + 100 at 128x256) prepared in {seconds:.1f} s")
-    assert seconds < 90  # about 5-15 s on 2 shared cores; loose, the machine is shared
     assert builder.builder_config.name == "seed0-train400-val100-128x256"
     assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
         "train": 400,

@@ -299,22 +299,32 @@ def uninterrupted(tmp_path_factory, data_dir):
     return workdir
 
 
-def _wait_for_step(process, workdir, step, timeout=300):
+def _wait_for_step(process, workdir, step, timeout=300, committed_checkpoint=None):
+    """Waits until `step` is logged and, if given, checkpoint `committed_checkpoint` is on disk.
+
+    Saves are asynchronous: on a loaded machine a checkpoint can still be in flight several
+    steps after it was started, so a test that kills the run must wait for the commit (orbax
+    renames the temporary directory to the bare step number when the save is complete).
+    """
     path = os.path.join(workdir, "metrics.jsonl")
+    ckpt = os.path.join(workdir, "checkpoints", str(committed_checkpoint))
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"training ended early with code {process.returncode}")
-        if os.path.exists(path) and any(r["step"] >= step for r in _records(workdir)):
+        logged = os.path.exists(path) and any(r["step"] >= step for r in _records(workdir))
+        if logged and (committed_checkpoint is None or os.path.isdir(ckpt)):
             return
         time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
+    raise AssertionError(
+        f"step {step} (checkpoint {committed_checkpoint}) not reached in {timeout} s"
+    )
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, uninterrupted):
     workdir = str(tmp_path / "killed")
     process = subprocess.Popen(_command(workdir, data_dir), env=_env(), cwd=ROOT)
-    _wait_for_step(process, workdir, 7)  # checkpoint 4 written, mid-interval
+    _wait_for_step(process, workdir, 7, committed_checkpoint=4)  # mid-interval
     process.send_signal(signal.SIGKILL)
     process.wait()
     subprocess.run(_command(workdir, data_dir), env=_env(), cwd=ROOT, check=True, timeout=600)
@@ -322,9 +332,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, uninterrupted
     records = _records(workdir)
     steps = [r["step"] for r in records]
     restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    # The restart resumed from a checkpoint (4 or 8), not from scratch.
-    assert all(steps[i] in (5, 9) for i in restarts) and steps[-1] == 12
-    assert sorted(set(steps)) == list(range(1, 13))
+    # The restart resumed from a committed checkpoint (4 or 8), not from scratch.
+    assert all(steps[i] in (5, 9) for i in restarts) and steps[-1] == 12, steps
+    assert sorted(set(steps)) == list(range(1, 13)), steps
     for record in records:  # before the kill and after the restart alike
         for key, value in record.items():
             if not key.endswith("images_per_second"):
