@@ -28,6 +28,7 @@ start with CUDA devices hidden and JAX on the CPU.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import sys
@@ -175,7 +176,7 @@ def iterate(
     """Iterates `ds` in order with `num_workers` processes (0: this one), `num_threads` each.
 
     Batches are copied out of grain's shared memory, so they stay valid however long they are
-    kept; closing the generator (or dropping it) stops the workers.
+    kept; closing the generator (or dropping it) stops the workers and frees the shared memory.
     """
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer_size)
     it = ds.to_iter_dataset(read)
@@ -189,9 +190,15 @@ def iterate(
     it = iter(it)
     try:
         for batch in it:
-            yield {k: np.array(v) for k, v in batch.items()}
+            batch = {k: np.array(v) for k, v in batch.items()}  # drops the shared memory
+            yield batch
     finally:
         it.close()
+        del it
+        # grain (0.2.18) leaves each worker's last batch in a reference cycle, so its shared
+        # memory would stay allocated until the next collection, or until exit, where Python's
+        # resource tracker unlinks it and warns about leaked shared_memory objects.
+        gc.collect()
 
 
 def _iterate_config(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> Iterator[Batch]:

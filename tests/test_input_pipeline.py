@@ -1,6 +1,9 @@
 """Sharding, determinism, resumption and batch formats of pne_jax/input_pipeline.py."""
 
+import gc
 import itertools
+import os
+import time
 
 import jax
 import ml_collections
@@ -134,6 +137,32 @@ def test_workers_and_threads_give_the_same_batches(workers, threads):
     for k, batch in enumerate(batches):
         np.testing.assert_array_equal(batch["image"], ds[2 + k]["image"])
         np.testing.assert_array_equal(batch["label"], ds[2 + k]["label"])
+
+
+def _grain_shared_memory():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm")
+def test_worker_shared_memory_is_freed_when_iteration_ends():
+    """grain hands worker batches over in shared memory; a finished pass (and a closed
+    training stream) must free it, not leave it to exit (a leak warning) or to a later
+    garbage collection, which is switched off here."""
+    source = fake_source(12)
+    config = make_config(global_batch=2, num_workers=2)
+    before = _grain_shared_memory()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        assert len(list(ip.eval_iterator(config, source=source, process_count=1))) == 6
+        take(ip.train_iterator(config, 0, source=source, process_count=1), 3)
+        deadline = time.monotonic() + 20  # grain unlinks in a background thread
+        while _grain_shared_memory() - before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _grain_shared_memory() - before
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_train_labels_keep_source_values():
