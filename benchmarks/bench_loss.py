@@ -53,7 +53,8 @@ def realistic_batch(rng, b, h, w, c, d, *, classes_per_image=12, patches=24):
     return logits, labels, emb
 
 
-def _median_time(fn, *args, repeats):
+def median_time(fn, *args, repeats):
+    """Median seconds of `repeats` calls of fn(*args), after one warm-up call."""
     jax.block_until_ready(fn(*args))  # warm-up
     times = []
     for _ in range(repeats):
@@ -81,7 +82,7 @@ def bench_jax(logits, labels, emb, num_samples, repeats):
         + memory.output_size_in_bytes
         - memory.alias_size_in_bytes
     )
-    step_s = _median_time(compiled, *args, repeats=repeats)
+    step_s = median_time(compiled, *args, repeats=repeats)
     stats = pne_batch_stats(logits, labels, emb, num_samples=num_samples)
     return compile_s, step_s, peak, stats
 
@@ -94,7 +95,7 @@ def bench_floor(num_pairs, num_samples, dim, repeats):
     matmul = jax.jit(
         lambda a, o: jnp.einsum("psd,pdt->pst", a, o, precision=jax.lax.Precision.HIGHEST)
     )
-    return _median_time(matmul, anchors, others, repeats=repeats)
+    return median_time(matmul, anchors, others, repeats=repeats)
 
 
 def bench_official(repo, logits, labels, emb, num_samples, repeats, device):

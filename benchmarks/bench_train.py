@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmarks.bench_loss import realistic_batch
+from benchmarks.bench_loss import median_time, realistic_batch
 from pne_jax import optim, train
 from pne_jax.losses import pne_loss
 from pne_jax.models import build_model
@@ -119,13 +119,7 @@ def time_pne_alone(config, outputs, repeats):
     kwargs = train.pne_options(config)
     grad = jax.jit(jax.grad(lambda e, lg, lb: pne_loss(lg, lb, e, **kwargs)))
     args = [jax.device_put(x) for x in (emb, logits, labels)]
-    jax.block_until_ready(grad(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(grad(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(grad, *args, repeats=repeats)
 
 
 def main(argv=None):

@@ -268,10 +268,7 @@ def predict_batch(
     passes = [(r, f) for r in options.scales for f in ((False, True) if options.flip else (False,))]
     if len(passes) == 1:  # argmax of the logits == argmax of their softmax
         return jnp.argmax(logits_at(*passes[0]), axis=-1).astype(jnp.int32)
-    probs = None
-    for ratio, flip in passes:
-        p = jax.nn.softmax(logits_at(ratio, flip), axis=-1)
-        probs = p if probs is None else probs + p
+    probs = sum(jax.nn.softmax(logits_at(ratio, flip), axis=-1) for ratio, flip in passes)
     return jnp.argmax(probs / len(passes), axis=-1).astype(jnp.int32)
 
 

@@ -59,8 +59,11 @@ class Failure:
 
 def find_images(pattern: str) -> list[str]:
     """Sorted files matching the glob `pattern` (`**` recurses); FileNotFoundError if none."""
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
-    paths = [p for p in paths if os.path.isfile(p)]
+    paths = [
+        p
+        for p in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if os.path.isfile(p)
+    ]
     if not paths:
         raise FileNotFoundError(f"--images={pattern!r} matches no file")
     return paths
@@ -243,13 +246,18 @@ def predict_images(
     test_size = input_pipeline.data_field(config, "test_size")
 
     failures: list[Failure] = []
+
+    def fail(path: str, action: str, error: Exception) -> None:
+        """Any error on one input: reported, and the others still written."""
+        logging.error("cannot %s %s: %s", action, path, error)
+        failures.append(Failure(path, f"{type(error).__name__}: {error}"))
+
     sizes: dict[int, tuple[int, int]] = {}
     for i, path in enumerate(paths):
         try:
             sizes[i] = _image_size(path)
-        except Exception as e:  # any unreadable file: report it, go on
-            logging.error("cannot read %s: %s", path, e)
-            failures.append(Failure(path, f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            fail(path, "read", e)
     if not sizes:
         return failures
     resized = {i: augment.keep_ratio_size(s, test_size) for i, s in sizes.items()}
@@ -275,9 +283,8 @@ def predict_images(
     def load(i: int) -> dict | None:
         try:
             image = read_image(paths[i])
-        except Exception as e:  # reported, the others still written
-            logging.error("cannot read %s: %s", paths[i], e)
-            failures.append(Failure(paths[i], f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            fail(paths[i], "read", e)
             return None
         return {
             "path": paths[i],
@@ -293,9 +300,8 @@ def predict_images(
         for example, prediction in zip(examples, predictions, strict=False):
             try:
                 _write_outputs(example, prediction, out_dir, colours, label_ids)
-            except Exception as e:  # reported, the others still written
-                logging.error("cannot write the prediction of %s: %s", example["path"], e)
-                failures.append(Failure(example["path"], f"{type(e).__name__}: {e}"))
+            except Exception as e:
+                fail(example["path"], "write the prediction of", e)
 
     order = sorted(sizes)
     pending = None  # the previous batch, written while the device computes the next

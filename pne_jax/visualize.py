@@ -30,10 +30,7 @@ def palette(dataset_name: str) -> np.ndarray:
             "palettes live in the repository's `data` package (data/labels.py); run from a "
             "checkout of pne-jax, or pass your own uint8 [K, 3] palette to colorize"
         ) from e
-    colours = np.asarray(data.dataset_meta(dataset_name).palette, np.int64)
-    if colours.ndim != 2 or colours.shape[1] != 3 or colours.min() < 0 or colours.max() > 255:
-        raise ValueError(f"{dataset_name}: malformed palette of shape {colours.shape}")
-    return colours.astype(np.uint8)
+    return _check_palette(np.asarray(data.dataset_meta(dataset_name).palette, np.int64))
 
 
 def _check_palette(colours) -> np.ndarray:

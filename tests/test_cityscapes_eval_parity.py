@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from data import labels as label_tables
-from pne_jax import metrics
+from pne_jax import metrics, predict
 
 pytestmark = pytest.mark.parity
 
@@ -41,14 +41,6 @@ CITIES = {"frankfurt": 3, "lindau": 2, "munster": 2}
 # 17 (motorcycle) is predicted -> IoU 0 in both.
 ABSENT_FROM_GT = (16, 17)
 NEVER_PREDICTED = (16,)
-
-
-def _train_to_label_id() -> np.ndarray:
-    """Train id -> the first label id with it (cityscapesScripts' trainId2label)."""
-    lut = np.zeros(NUM_CLASSES, np.uint8)
-    for t in reversed(range(NUM_CLASSES)):
-        lut[t] = next(i for _, i, tr, _ in label_tables.CITYSCAPES_LABEL_TABLE if tr == t)
-    return lut
 
 
 def _fake_ground_truth(rng: np.random.Generator) -> np.ndarray:
@@ -82,7 +74,10 @@ def test_metrics_equal_the_official_cityscapes_evaluation(
 ):
     rng = np.random.default_rng(int(realistic))
     root, results = tmp_path / "cityscapes", tmp_path / "results"
-    to_train, to_label_id = label_tables.CITYSCAPES_ID_TO_TRAIN_ID, _train_to_label_id()
+    to_train, to_label_id = (
+        label_tables.CITYSCAPES_ID_TO_TRAIN_ID,
+        predict.cityscapes_train_to_label_id()[:NUM_CLASSES],
+    )
     total = metrics.Confusion.zeros(NUM_CLASSES)
     gt_files, pred_files, ignored_pixels, wrong_on_ignored = [], [], 0, 0
     for city, count in CITIES.items():

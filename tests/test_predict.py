@@ -51,12 +51,7 @@ def _name(i: int) -> str:
 def _tiny_config(data_dir: str):
     config = demo.get_config()
     config.data.data_dir = data_dir
-    for key, value in TINY.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(TINY)
     return config
 
 
