@@ -20,7 +20,6 @@ DeepLabV3-R101-D8 at 8x512x1024 (S=100, D=256, C=19) and UperNet-Swin-T at 16x51
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
 
@@ -31,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.bench_loss import median_time, realistic_batch
-from pne_jax import optim, train
+from pne_jax import configs, optim, train
 from pne_jax.losses import pne_loss
 from pne_jax.models import build_model
 
@@ -39,8 +38,7 @@ DEFAULT_CONFIGS = "demo,cityscapes_deeplab,ade20k_upernet_swin:tiny"
 
 
 def load_config(spec: str):
-    name, _, arg = spec.partition(":")
-    return importlib.import_module(f"configs.{name}").get_config(arg or None)
+    return configs.get_config(spec)
 
 
 def random_batch(rng, batch, crop, num_classes):

@@ -251,7 +251,9 @@ def compare_cross_entropy(batch: int, crop: tuple[int, int], classes: int, repea
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="cityscapes_deeplab", help="name[:arg] in configs/")
+    parser.add_argument(
+        "--config", default="cityscapes_deeplab", help="a shipped config name[:arg], or a file"
+    )
     parser.add_argument("--full", action="store_true", help="the config's crop and batch")
     parser.add_argument("--crop", default="128,256", help="reduced crop (H,W) without --full")
     parser.add_argument("--batch", type=int, default=2, help="reduced batch without --full")

@@ -1,28 +1,7 @@
 """DeepLabV3-R101-D8 + PNE on Cityscapes, 512x1024 crops, batch 8: the paper's main run.
 
-    python main.py --config=configs/cityscapes_deeplab.py --workdir=runs/cs_deeplab_40k
-    python main.py --config=configs/cityscapes_deeplab.py:80k --workdir=runs/cs_deeplab_80k
-    python main.py --config=configs/cityscapes_deeplab.py --config.pne.enabled=False  # baseline
-
-Hardware: one host with 8 GPUs/TPU cores (1 image each), or fewer with the same global batch.
-Backbone: `python -m pne_jax.pretrained --arch=resnet101c ...` then --config.model.pretrained.
-Expected (single-scale val mIoU), baseline: MMSegmentation 77.12 (40k), 80.20 (80k).
-With PNE: the paper's figure (arXiv 2207.01417); ours once measured, in the README.
+    python main.py --config=configs/cityscapes_deeplab.py
+The recipe (commands, hardware, expected results): pne_jax/configs/cityscapes_deeplab.py.
 """
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = common.parse_arg(arg)
-    steps = 80_000 if options.get("80k") else 40_000
-    return common.experiment(
-        model_config=common.model(
-            "resnet101_v1c", "aspp", common.CITYSCAPES_CLASSES, output_stride=8
-        ),
-        data_config=common.cityscapes(),
-        optimizer=common.sgd_poly(learning_rate=0.01),
-        train_config=common.train(steps=steps, global_batch_size=8),
-    )
+from pne_jax.configs.cityscapes_deeplab import get_config  # noqa: F401

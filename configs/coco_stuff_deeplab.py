@@ -1,27 +1,7 @@
 """DeepLabV3-R101-D8 + PNE on COCO-Stuff-164k (171 classes), 512x512 crops, batch 16.
 
-    python main.py --config=configs/coco_stuff_deeplab.py --workdir=runs/coco_deeplab_80k
-    python main.py --config=configs/coco_stuff_deeplab.py:160k
-    python main.py --config=configs/coco_stuff_deeplab.py --config.pne.enabled=False
-
-Trains on `train` (118k), evaluates on `validation` (5k). Hardware: one host with 8 GPUs/TPU
-cores. Backbone: `--arch=resnet101c`. Expected: MMSegmentation's COCO-Stuff-164k model zoo
-(configs/deeplabv3) for the baseline, the paper's figure with PNE; ours once measured.
+    python main.py --config=configs/coco_stuff_deeplab.py
+The recipe (commands, hardware, expected results): pne_jax/configs/coco_stuff_deeplab.py.
 """
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = common.parse_arg(arg)
-    steps = 160_000 if options.get("160k") else 80_000
-    return common.experiment(
-        model_config=common.model(
-            "resnet101_v1c", "aspp", common.COCO_STUFF_CLASSES, output_stride=8
-        ),
-        data_config=common.coco_stuff(),
-        optimizer=common.sgd_poly(learning_rate=0.01),
-        train_config=common.train(steps=steps, global_batch_size=16),
-    )
+from pne_jax.configs.coco_stuff_deeplab import get_config  # noqa: F401

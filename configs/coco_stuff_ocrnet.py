@@ -1,24 +1,7 @@
 """OCRNet-HRNetV2-W48 + PNE on COCO-Stuff-164k (171 classes), 512x512 crops, batch 16.
 
-    python main.py --config=configs/coco_stuff_ocrnet.py --workdir=runs/coco_ocrnet_80k
-    python main.py --config=configs/coco_stuff_ocrnet.py --config.pne.enabled=False
-
-Trains on `train`, evaluates on `validation`. Hardware: one host with 8 GPUs/TPU cores.
-Backbone: `--arch=hrnet_w48`. Expected: the paper's figures for baseline and PNE; ours once
-measured.
+    python main.py --config=configs/coco_stuff_ocrnet.py
+The recipe (commands, hardware, expected results): pne_jax/configs/coco_stuff_ocrnet.py.
 """
 
-import ml_collections
-
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = common.parse_arg(arg)
-    steps = 160_000 if options.get("160k") else 80_000
-    return common.experiment(
-        model_config=common.model("hrnetv2_w48", "ocr", common.COCO_STUFF_CLASSES),
-        data_config=common.coco_stuff(),
-        optimizer=common.sgd_poly(learning_rate=0.01),
-        train_config=common.train(steps=steps, global_batch_size=16),
-    )
+from pne_jax.configs.coco_stuff_ocrnet import get_config  # noqa: F401

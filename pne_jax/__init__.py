@@ -3,4 +3,4 @@
 from pne_jax.losses.pne import pne_loss
 
 __all__ = ["pne_loss"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,6 +1,6 @@
 """Evaluation: predictions at each label's original resolution, and mIoU over a split.
 
-Test modes follow MMSegmentation 0.13 (`config.eval`, see `configs/common.evaluation`):
+Test modes follow MMSegmentation 0.13 (`config.eval`, see `pne_jax.configs.common.evaluation`):
 
 - 'whole': the image, resized to the test scale (ratio kept) and padded, goes through the
   model; the logits are upsampled bilinearly to the padded input, cropped to the image's

@@ -1,8 +1,8 @@
 """Per-host, deterministic, resumable input pipelines for segmentation training and evaluation.
 
 Sources are random-access: `len(source)` and `source[i] -> {"image": uint8 [H, W, 3], "label":
-uint8 [H, W] (or [H, W, 1]), ...}`, e.g. the tfds array_record data sources that `data/`
-prepares (`open_source`), or a list of dicts in tests.
+uint8 [H, W] (or [H, W, 1]), ...}`, e.g. the tfds array_record data sources that
+`pne_jax.datasets` prepares (`open_source`), or a list of dicts in tests.
 
 Training is a pure function of the step. The global example stream concatenates per-epoch
 permutations drawn from (seed, epoch); global batch k is stream positions [k G, (k + 1) G) and
@@ -42,7 +42,8 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pne_jax import augment
+from pne_jax import augment, datasets
+from pne_jax.datasets import hide_accelerators_from_tf
 
 Batch = dict[str, np.ndarray]
 Source = Sequence[Mapping[str, Any]]
@@ -109,41 +110,20 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 # --- Sources ------------------------------------------------------------------------------------
 
 
-def hide_accelerators_from_tf() -> None:
-    """Makes TensorFlow (if installed) see only the CPU, so it never takes GPU memory or TPUs."""
-    try:
-        import tensorflow as tf  # a 5 s import, paid only where data is read
-    except ImportError:
-        return
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError) as e:  # TF already initialised (fine if none visible)
-            if tf.config.get_visible_devices(kind):
-                raise RuntimeError(
-                    f"TensorFlow initialised its {kind}s before the input pipeline could hide "
-                    "them; open data sources before running any TensorFlow op"
-                ) from e
-
-
 def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
     """Random access to `split` of the prepared dataset `config.data.name` in `data_dir`.
 
-    Reads through the repository's `data` package when importable (it registers the builders,
-    accepts short names like "cityscapes" and `config.data.options` such as the synthetic set's
-    sizes), else through `tfds.data_source`.
+    The datasets of `pne_jax.datasets` (short names like "cityscapes", and
+    `config.data.options` such as the synthetic set's sizes) are read through it; any other
+    name is a tfds dataset of the user's, read with `tfds.data_source`.
     """
     name, data_dir = data_field(config, "name"), data_field(config, "data_dir")
     if not name:
         raise ValueError("config.data.name must name a dataset (or pass source=...)")
     hide_accelerators_from_tf()
-    try:
-        import data  # the repository's builders (registers them with tfds)
-    except ImportError:
-        data = None
-    if data is not None and hasattr(data, "data_source"):
-        data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
-        return data.data_source(name, split, data_dir, **data_field(config, "options"))
+    if datasets.is_known_dataset(name):
+        data_dir = os.path.expanduser(data_dir or datasets.DEFAULT_DATA_DIR)
+        return datasets.data_source(name, split, data_dir, **data_field(config, "options"))
     import tensorflow_datasets as tfds
 
     return tfds.data_source(name, split=split, data_dir=data_dir)

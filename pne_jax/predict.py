@@ -1,13 +1,13 @@
 """Inference on image files: label PNGs, colorized PNGs, overlays and Cityscapes submissions.
 
-    python -m pne_jax.predict --config=configs/demo.py --workdir=runs/demo \\
-        --images='photos/*.jpg' --out=predictions
-    python -m pne_jax.predict --config=configs/cityscapes_deeplab.py --workdir=runs/cs_deeplab \\
+    pne-jax predict --config=demo --workdir=runs/demo --images='photos/*.jpg' --out=predictions
+    pne-jax predict --config=cityscapes_deeplab --workdir=runs/cs_deeplab \\
         --images='leftImg8bit/test/*/*_leftImg8bit.png' --out=submission --cityscapes_submission
 
-The checkpoint is the workdir's latest (or `--config.eval.checkpoint=STEP`); config overrides
-work as in main.py. Each image goes through the evaluation pipeline's preprocessing (resized to
-fit `config.data.test_size`, ratio kept, normalised, padded at the bottom and right) and the
+(or `python -m pne_jax.predict ...`). The checkpoint is the workdir's latest (or
+`--config.eval.checkpoint=STEP`); `--config` and its overrides work as for `pne-jax train`.
+Each image goes through the evaluation pipeline's preprocessing (resized to fit
+`config.data.test_size`, ratio kept, normalised, padded at the bottom and right) and the
 config's test mode (`evaluate.predict_batch`), and is predicted at its original resolution.
 For each input `<stem>.<ext>` the output folder gets `<stem>.png` (train ids, uint8),
 `<stem>_color.png` (the dataset's palette) and `<stem>_overlay.png` (the palette on the image).
@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from pne_jax import augment, checkpoint, evaluate, input_pipeline, visualize
+from pne_jax.datasets.labels import CITYSCAPES_LABEL_TABLE
 from pne_jax.models import build_model
 
 # cityscapesScripts' getCsFileInfo: the first three "_"-separated parts name the frame.
@@ -101,8 +102,6 @@ def cityscapes_train_to_label_id() -> np.ndarray:
     """uint8 [256] lookup: Cityscapes train id (0..18) -> label id (7, 8, 11, ..., 33), as
     cityscapesScripts' `trainId2label` (the first label listed with that train id); every
     other value maps to 0 (`unlabeled`)."""
-    from data.labels import CITYSCAPES_LABEL_TABLE
-
     lut = np.zeros(256, np.uint8)
     for _, label_id, train_id, _ in reversed(CITYSCAPES_LABEL_TABLE):  # first listed wins
         if 0 <= train_id < 255 and label_id >= 0:
@@ -325,13 +324,14 @@ def predict_images(
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-def _define_flags() -> None:
-    """The CLI's flags; defined only when run as a program, so that importing this module next
-    to main.py (a notebook, a test) defines no flag twice."""
+def define_flags() -> None:
+    """The CLI's flags; defined only by the command (`pne-jax predict`), never on import."""
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+    config_flags.DEFINE_config_file(
+        "config", None, "A shipped config name (e.g. demo, cityscapes_deeplab) or a file."
+    )
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
     flags.DEFINE_string("images", None, "Glob of the input images ('**' recurses).")
     flags.DEFINE_string("out", None, "Output folder.")
@@ -352,7 +352,6 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     checkpoint.quiet_orbax_logs()  # the console shows the progress
-    input_pipeline.hide_accelerators_from_tf()  # TensorFlow (label tables) never sees accelerators
     from pne_jax import train
 
     FLAGS = flags.FLAGS
@@ -379,7 +378,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    import sys
 
-    _define_flags()
-    app.run(main)
+    from pne_jax import cli
+
+    cli.run("predict", sys.argv[1:], program="python -m pne_jax.predict")

@@ -4,7 +4,7 @@ Nothing is fetched at run time: download a timm checkpoint (`.safetensors`, or a
 `.bin` state dict, which needs torch to read), convert it once, and point
 `config.model.pretrained` at the result:
 
-    python -m pne_jax.pretrained --arch=resnet101c --checkpoint=model.safetensors --out=r101.npz
+    pne-jax convert --arch=resnet101c --checkpoint=model.safetensors --out=r101.npz
 
 The conversion is generic plus a small table per architecture. Our modules are named
 after timm's (`layer1.0.conv1` -> `layer1_0/conv1`: a numeric part joins the name before
@@ -238,15 +238,21 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """`pne-jax convert --arch=... --checkpoint=... --out=...` (argv without the program)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Convert a timm checkpoint to pne-jax variables.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Convert a timm checkpoint to pne-jax backbone variables."
+    )
     parser.add_argument("--arch", required=True, choices=sorted(TIMM_ARCHS))
     parser.add_argument("--checkpoint", required=True, help=".safetensors, .pth or .bin")
     parser.add_argument("--out", required=True, help="output .npz")
     args = parser.parse_args(argv)
-    variables = convert_timm(args.arch, read_state_dict(args.checkpoint))
+    try:
+        variables = convert_timm(args.arch, read_state_dict(args.checkpoint))
+    except (FileNotFoundError, ImportError, ValueError) as e:  # each names what to fix
+        raise SystemExit(f"error: {e}") from None
     save_variables(args.out, variables)
     count = sum(np.size(v) for v in jax.tree.leaves(variables))
     print(f"wrote {args.out}: {count / 1e6:.2f}M values for {TIMM_ARCHS[args.arch].backbone}")

@@ -35,7 +35,7 @@ from clu import metric_writers
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pne_jax import checkpoint, evaluate, input_pipeline, optim, pretrained
+from pne_jax import checkpoint, datasets, evaluate, input_pipeline, optim, pretrained
 from pne_jax.losses import pne
 from pne_jax.losses.cross_entropy import (
     cross_entropy,
@@ -124,9 +124,7 @@ def losses(
         with jax.named_scope("loss_pne"):
             small = pne.resize_labels_nearest(labels, logits.shape[1:3])
             stats = pne.pne_batch_stats(logits, small, outputs["embeddings"], **pne_options(config))
-            parts["pne"] = pne.pne_reduce(
-                stats, num_samples=config.pne.num_samples, loss_weight=config.pne.loss_weight
-            )
+            parts["pne"] = pne.pne_reduce(stats, loss_weight=config.pne.loss_weight)
             counts = {
                 "pne_pairs": jnp.sum(stats.num_pairs).astype(jnp.float32),
                 "pne_anchors": jnp.sum(stats.num_anchors).astype(jnp.float32),
@@ -281,32 +279,38 @@ class _Preemption:
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
-    """Sets the default `data_dir` (~/tensorflow_datasets), prepares the synthetic set if
-    needed (no download), and fails early, naming the command, for an unprepared dataset."""
-    import data
-
+    """Sets the default `data_dir` (`datasets.DEFAULT_DATA_DIR`), prepares the synthetic set if
+    needed (no download), and fails early, naming the command, for an unprepared dataset
+    (`datasets.NotPreparedError`)."""
     if not config.data.data_dir:
-        config.data.data_dir = os.path.expanduser("~/tensorflow_datasets")
+        config.data.data_dir = os.path.expanduser(datasets.DEFAULT_DATA_DIR)
+    if not datasets.is_known_dataset(config.data.name):
+        import tensorflow_datasets as tfds
+
+        if config.data.name not in tfds.list_builders(with_community_datasets=False):
+            raise ValueError(
+                f"unknown dataset config.data.name={config.data.name!r}; pne-jax's datasets: "
+                f"{', '.join(datasets.DATASETS)}, or the name of a tfds dataset registered in "
+                "this process (import its builder in your config file)"
+            )
+        return  # a prepared tfds dataset of the user's
     options = dict(config.data.options)
     if config.data.name in ("synthetic", "synthetic_semseg"):
         if jax.process_index() == 0:
-            from data.prepare import prepare
-
-            prepare(config.data.name, config.data.data_dir, **options)
+            datasets.prepare(config.data.name, config.data.data_dir, **options)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("prepare_data")
-    data.load_builder(config.data.name, config.data.data_dir, **options)
+    datasets.load_builder(config.data.name, config.data.data_dir, **options)
 
 
 def _class_names(config: ml_collections.ConfigDict) -> list[str] | None:
-    """The dataset's class names, when the `data` package (repository checkout) is there."""
-    try:
-        import data
-    except ImportError:
+    """The dataset's class names, if it is one of `pne_jax.datasets` with as many classes as
+    the model."""
+    if not datasets.is_known_dataset(config.data.name):
         return None
-    names = list(data.dataset_meta(config.data.name).class_names)
+    names = list(datasets.dataset_meta(config.data.name).class_names)
     return names if len(names) == config.model.num_classes else None
 
 
@@ -459,7 +463,7 @@ def load_variables(
     """
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     no_checkpoint = FileNotFoundError(
-        f"no checkpoints in {directory}: train first (python main.py --config=... "
+        f"no checkpoints in {directory}: train first (pne-jax train --config=... "
         f"--workdir={workdir}), or pass the --workdir of a trained run"
     )
     if not os.path.isdir(directory):  # (a Checkpointer would create it)

@@ -1,9 +1,9 @@
 """Label maps as pictures: official palettes, colorize, overlay, side-by-side panels, legends.
 
-The palettes are the published colour tables kept with the label tables in `data/labels.py`
-(Cityscapes: cityscapesScripts' train-id colours; ADE20K and COCO-Stuff-164k: MMSegmentation's
-dataset palettes) and the synthetic set's own (`data/synthetic.py`), so they need a checkout
-of the repository (the `data` package). All images are uint8 RGB `[H, W, 3]`.
+The palettes are the published colour tables kept with the label tables in
+`pne_jax/datasets/labels.py` (Cityscapes: cityscapesScripts' train-id colours; ADE20K and
+COCO-Stuff-164k: MMSegmentation's dataset palettes) and the synthetic set's own; they need
+only NumPy. All images are uint8 RGB `[H, W, 3]`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pne_jax.datasets.labels import dataset_meta
+
 IGNORE_INDEX = 255
 RGB = tuple[int, int, int]
 
@@ -21,16 +23,10 @@ def palette(dataset_name: str) -> np.ndarray:
     """The colour of each train id of a dataset: uint8 [K, 3].
 
     `dataset_name` is a short name (`cityscapes`, `ade20k`, `coco_stuff164k`, `synthetic`)
-    or a registered one (`cityscapes_semseg`, ...), e.g. `config.data.name`.
+    or a registered one (`cityscapes_semseg`, ...), e.g. `config.data.name`. ValueError
+    listing the known names for any other (pass your own uint8 [K, 3] palette to `colorize`).
     """
-    try:
-        import data  # the repository's dataset package: label tables and palettes
-    except ImportError as e:
-        raise ImportError(
-            "palettes live in the repository's `data` package (data/labels.py); run from a "
-            "checkout of pne-jax, or pass your own uint8 [K, 3] palette to colorize"
-        ) from e
-    return _check_palette(np.asarray(data.dataset_meta(dataset_name).palette, np.int64))
+    return _check_palette(np.asarray(dataset_meta(dataset_name).palette, np.int64))
 
 
 def _check_palette(colours) -> np.ndarray:

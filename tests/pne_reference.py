@@ -76,7 +76,12 @@ def pne_reference(
 
     num_pairs = len(pairs)
     num_anchors = sum(p[5] for p in pairs)
-    stats = {"num_pairs": num_pairs, "num_anchors": num_anchors, "dropped_pairs": dropped}
+    stats = {
+        "num_pairs": num_pairs,
+        "num_anchors": num_anchors,
+        "dropped_pairs": dropped,
+        "num_entries": num_pairs * s,  # the anchor entries: S per kept pair
+    }
     if num_pairs == 0:
         return 0.0, grad, stats
 

@@ -158,8 +158,8 @@ def _save_demo_checkpoint(workdir, config, step):
 
 
 def test_load_variables_for_inference_and_bad_checkpoints(tmp_path):
-    from configs import demo
     from pne_jax import train
+    from pne_jax.configs import demo
 
     workdir = str(tmp_path / "run")
     config = demo.get_config()

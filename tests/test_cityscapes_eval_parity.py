@@ -3,7 +3,7 @@
 A small fake val set in the official layout (gtFine/val/<city>/*_gtFine_labelIds.png, label
 ids 0-33 including the ones ignored in evaluation) and predictions as label-id PNGs, random
 and realistic (mostly correct, with noise). The official evalPixelLevelSemanticLabeling
-(2.3.0) evaluates the PNGs; we map both to train ids (data/labels.py) and use
+(2.3.0) evaluates the PNGs; we map both to train ids (pne_jax/datasets/labels.py) and use
 metrics.confusion_matrix + segmentation_metrics. Per-class IoU, mIoU and pixel accuracy
 must agree to 1e-9, and the confusion matrices exactly.
 
@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import labels as label_tables
 from pne_jax import metrics, predict
+from pne_jax.datasets import labels as label_tables
 
 pytestmark = pytest.mark.parity
 

@@ -1,6 +1,6 @@
 """Dataset builders on small fake trees with the real layouts and file names; synthetic data.
 
-Expected label maps are written out here independently of data/labels.py, from:
+Expected label maps are written out here independently of pne_jax/datasets/labels.py, from:
   Cityscapes: cityscapesScripts, cityscapesscripts/helpers/labels.py (id -> trainId).
   ADE20K: MMSegmentation, mmseg/datasets/ade.py (reduce_zero_label: 0 -> 255, k -> k - 1).
   COCO-Stuff-164k: MMSegmentation, tools/dataset_converters/coco_stuff164k.py (clsID_to_trID).
@@ -22,11 +22,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import data
-from data import labels
-from data.manual import BadSourceFileError, MissingManualFilesError
-from data.prepare import prepare
-from data.semseg import SplitSizeError
+from pne_jax import datasets as data
+from pne_jax.datasets import labels
+from pne_jax.datasets.manual import BadSourceFileError, MissingManualFilesError
+from pne_jax.datasets.preparation import prepare
+from pne_jax.datasets.semseg import SplitSizeError
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DECODE = tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE
@@ -354,7 +354,8 @@ def test_corrupt_image_named_and_nothing_half_written(tmp_path):
     builder = data.make_builder("cityscapes", tmp_path / "tfds", expected_split_sizes=sizes)
     assert not builder.data_path.exists() and not builder.is_prepared()
     assert not list(builder.data_path.parent.glob("*incomplete*"))
-    with pytest.raises(data.NotPreparedError, match="python -m data.prepare --dataset=cityscapes"):
+    command = "python -m pne_jax prepare --dataset=cityscapes"
+    with pytest.raises(data.NotPreparedError, match=command):
         data.load_builder("cityscapes", tmp_path / "tfds", expected_split_sizes=sizes)
     (manual / member).write_bytes(good)
     assert prepare(

@@ -4,7 +4,6 @@ sharded accumulation, and slide mode's memory bound. Tiny models, small images."
 from __future__ import annotations
 
 import functools
-import importlib
 
 import flax.linen as nn
 import jax
@@ -13,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
-from pne_jax import evaluate, input_pipeline, metrics
+from pne_jax import configs, evaluate, input_pipeline, metrics
+from pne_jax.configs import common
 from pne_jax.models.layers import resize
 
 C = 3
@@ -274,7 +273,7 @@ def test_config_fields_and_bad_values():
     slide = evaluate.eval_options(dict(config.items()) | {"mode": "slide"})
     assert slide.crop_size == (512, 1024) and slide.windows_per_step == 2
     for name in ("demo", "cityscapes_deeplab", "ade20k_upernet_swin", "coco_stuff_ocrnet"):
-        config = importlib.import_module(f"configs.{name}").get_config()
+        config = configs.get_config(name)
         assert evaluate.eval_options(config.eval) == evaluate.EvalOptions(), name
         config.eval.mode = "slide"
         crop = tuple(config.data.crop_size)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from pne_jax.losses.grouped_logsumexp import TileLayout, grouped_logsumexp
 
@@ -109,3 +110,36 @@ def test_tile_count_must_divide_into_chunks():
             inv_temp=1.0,
             tiles_per_chunk=2,
         )
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_inside_shard_map_with_check_vma(keyed):
+    """Per-device rows and banks inside `jax.shard_map` (check_vma=True, the default): the
+    loop carries must vary over the mesh like the body's outputs, forward and backward."""
+    assert jax.device_count() == 8, "tests/conftest.py should provide 8 CPU devices"
+    rng = np.random.default_rng(11 + keyed)
+    b, m, d, n_tiles, t, w = 8, 20, 6, 4, 3, 5
+    layout = _random_layout(rng, b, m, n_tiles, t, w, used=3, keyed=keyed)
+    layout = layout._replace(tiles_used=rng.integers(0, n_tiles + 1, b).astype(np.int32))
+    emb = rng.normal(size=(b, m, d)).astype(np.float32)
+    inv_norm = rng.uniform(0.5, 2, size=(b, m)).astype(np.float32)
+    weights = rng.normal(size=(b, n_tiles, t)).astype(np.float32)
+    # Rows past each image's tiles_used are outside the contract (see above).
+    tiles = np.arange(n_tiles)[None, :, None]
+    rows = np.where(tiles < layout.tiles_used[:, None, None], layout.rows, m).astype(np.int32)
+    layout = layout._replace(rows=rows)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def per_device(e, inv_norm, layout, weights):
+        (lse,) = grouped_logsumexp(e, inv_norm, (layout,), inv_temp=2.0, tiles_per_chunk=2)
+        return jax.lax.psum(jnp.sum(lse * weights), "data"), lse
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=(P(), P("data")))
+    (value, lse), grad = jax.jit(jax.value_and_grad(sharded, has_aux=True))(
+        emb, inv_norm, layout, weights
+    )
+    want_value, want_grad, want_lse = _dense(emb, inv_norm, layout, 2.0, weights)
+    assert np.count_nonzero(want_lse) > 20
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * np.abs(want_grad).max())

@@ -253,7 +253,8 @@ def test_to_global_array_on_eight_devices():
 @pytest.fixture(scope="module")
 def synthetic_config(tmp_path_factory):
     """A tiny prepared synthetic_semseg set (data/), read through open_source."""
-    prepare = pytest.importorskip("data.prepare").prepare
+    from pne_jax.datasets import prepare
+
     options = dict(num_train=8, num_validation=5, height=64, width=128)
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     prepare("synthetic", data_dir, **options)

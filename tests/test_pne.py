@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import doctest
+import io
 import math
+import pydoc
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,22 @@ from pne_jax.losses import (
     validate_labels,
 )
 from tests.pne_reference import pne_reference
+
+_BACKEND_COMPILES: list[str] = []
+
+
+def backend_compiles() -> list[str]:
+    """The XLA compilations so far (a list that grows), from JAX's monitoring events."""
+    if not getattr(backend_compiles, "registered", False):
+
+        def listener(event, duration, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration":
+                _BACKEND_COMPILES.append(event)
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        backend_compiles.registered = True
+    return _BACKEND_COMPILES
+
 
 # --------------------------------------------------------------------------------------
 # Random cases
@@ -132,11 +151,7 @@ def test_random_cases_match_float64_reference(name, shape, options, dtype, seeds
             stats = pne_batch_stats(
                 logits, labels, e, **{k: v for k, v in options.items() if k != "loss_weight"}
             )
-            loss = pne_reduce(
-                stats,
-                num_samples=options.get("num_samples", 100),
-                loss_weight=options.get("loss_weight", 1.3),
-            )
+            loss = pne_reduce(stats, loss_weight=options.get("loss_weight", 1.3))
             return loss, stats
 
         (value, stats), grad = jax.value_and_grad(f, has_aux=True)(emb)
@@ -318,7 +333,7 @@ def test_vmap_of_image_stats_plus_reduce_equals_batched_loss():
     def via_vmap(e):
         stats = jax.vmap(lambda lg, lb, em: pne_image_stats(lg, lb, em, **kw))(logits, labels, e)
         assert isinstance(stats, PNEStats) and stats.term_sum.shape == (4,)
-        return pne_reduce(stats, num_samples=17, loss_weight=0.9)
+        return pne_reduce(stats, loss_weight=0.9)
 
     got, got_grad = jax.jit(jax.value_and_grad(via_vmap))(emb)
     want, want_grad = jax.value_and_grad(
@@ -356,23 +371,150 @@ def test_sharded_batch_equals_unsharded(axis_type):
 
 
 def test_one_compilation_per_shape_and_no_host_transfers():
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    compiles = backend_compiles()
     rng = np.random.default_rng(8)
     batches = [random_case(rng, 2, 9, 11, 7, 8, scenario=s) for s in ("plain", "fallback", "ties")]
     batches = [tuple(jax.device_put(x) for x in batch) for batch in batches]
     kw = dict(num_samples=7, temperature=0.3)
     jax.block_until_ready(pne_loss(*batches[0], **kw))  # compiles
+    step = jax.jit(lambda lg, lb, e, w: pne_loss(lg, lb, e, loss_weight=w, **kw))
+    weight = jax.device_put(np.float32(0.7))
+    jax.block_until_ready(step(*batches[0], weight))  # compiles
     before = len(compiles)
-    with jax.transfer_guard("disallow"):
+    # Called eagerly, only the scalar hyper-parameters go to the device; nothing comes back.
+    with jax.transfer_guard_device_to_host("disallow"):
         for batch in batches:
             jax.block_until_ready(pne_loss(*batch, **kw))
+    # Inside a jitted step whose inputs are on the device, nothing moves at all.
+    with jax.transfer_guard("disallow"):
+        for batch in batches:
+            jax.block_until_ready(step(*batch, weight))
     assert len(compiles) == before, "pne_loss recompiled for inputs of the same shape"
+
+
+def test_traced_loss_weight_and_temperature_compile_once():
+    rng = np.random.default_rng(12)
+    logits, labels, emb = random_case(rng, 2, 8, 9, 4, 8, scenario="plain")
+    args = [jax.device_put(x) for x in (logits, labels, emb)]
+    step = jax.jit(
+        lambda lg, lb, e, w, t: pne_loss(lg, lb, e, num_samples=5, loss_weight=w, temperature=t)
+    )
+    reduce = jax.jit(lambda stats, w: pne_reduce(stats, loss_weight=w))
+    compiles = backend_compiles()
+    # Compile each function once: the user's step, pne_loss, pne_batch_stats, pne_reduce.
+    jax.block_until_ready(step(*args, 1.3, 1.0))
+    jax.block_until_ready(pne_loss(*args, num_samples=5, loss_weight=1.3, temperature=1.0))
+    jax.block_until_ready(reduce(pne_batch_stats(*args, num_samples=5, temperature=1.0), 1.3))
+    before = len(compiles)
+    pairs = 0
+    for w, t in [(0.0, 0.5), (0.65, 0.25), (2.0, 3.0), (-1.0, 0.1)]:
+        want, _, ref = pne_reference(
+            logits, labels, emb, num_samples=5, loss_weight=w, temperature=t
+        )
+        pairs += ref["num_pairs"]
+        got = step(*args, w, t)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)
+        eager = pne_loss(*args, num_samples=5, loss_weight=w, temperature=t)
+        np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-30)
+        reduced = reduce(pne_batch_stats(*args, num_samples=5, temperature=t), w)
+        np.testing.assert_allclose(reduced, want, rtol=1e-5, atol=1e-30)
+    assert pairs > 0
+    assert len(compiles) == before, "new loss_weight or temperature values compiled again"
+
+
+def test_temperature_gets_no_gradient_and_loss_weight_a_linear_one():
+    rng = np.random.default_rng(13)
+    logits, labels, emb = random_case(rng, 2, 8, 8, 4, 8, scenario="plain")
+
+    def loss(w, t):
+        return pne_loss(logits, labels, emb, num_samples=5, loss_weight=w, temperature=t)
+
+    grad_w, grad_t = jax.grad(loss, argnums=(0, 1))(1.3, 0.5)
+    assert float(loss(1.3, 0.5)) > 0
+    assert float(grad_t) == 0.0
+    np.testing.assert_allclose(grad_w, loss(1.0, 0.5), rtol=1e-6)
+
+
+def test_traced_loss_weight_and_temperature_must_be_scalars():
+    logits, labels, emb = _good()
+    with pytest.raises(ValueError, match=r"loss_weight must be .* JAX scalar, got a float32 array"):
+        jax.jit(lambda w: pne_loss(logits, labels, emb, loss_weight=w))(jnp.ones(2))
+    with pytest.raises(ValueError, match=r"temperature must be .* JAX scalar.*shape \(1, 1\)"):
+        jax.jit(lambda t: pne_loss(logits, labels, emb, temperature=t))(jnp.ones((1, 1)))
+    stats = pne_batch_stats(logits, labels, emb)
+    with pytest.raises(ValueError, match=r"loss_weight must be .* JAX scalar"):
+        jax.jit(lambda w: pne_reduce(stats, loss_weight=w))(jnp.ones(3))
+
+
+# --------------------------------------------------------------------------------------
+# The reduction
+
+
+def test_reduce_uses_the_num_samples_of_the_statistics():
+    rng = np.random.default_rng(11)
+    logits, labels, emb = random_case(rng, 3, 10, 10, 5, 8, scenario="plain")
+    stats = pne_batch_stats(logits, labels, emb, num_samples=7)
+    want, _, ref = pne_reference(logits, labels, emb, num_samples=7, loss_weight=0.8)
+    assert ref["num_pairs"] > 2
+    np.testing.assert_array_equal(stats.num_entries, 7 * np.asarray(stats.num_pairs))
+    assert int(np.sum(stats.num_entries)) == ref["num_entries"]
+    got = pne_reduce(stats, loss_weight=0.8)
+    assert float(got) == float(pne_loss(logits, labels, emb, num_samples=7, loss_weight=0.8))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The formula in float64 on the statistics themselves: w * sum(l_a) * N / E^2.
+    t, n, e = (
+        np.sum(np.asarray(x, np.float64))
+        for x in (stats.term_sum, stats.num_anchors, stats.num_entries)
+    )
+    np.testing.assert_allclose(got, 0.8 * t * n / e**2, rtol=1e-6)
+
+
+def test_reduce_rejects_num_samples_and_other_keywords():
+    stats = pne_batch_stats(LOGITS_2X2, LABELS_2X2, EMB_2X2, num_samples=3)
+    with pytest.raises(TypeError, match=r"takes no num_samples argument: the statistics carry it"):
+        pne_reduce(stats, num_samples=3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'weight'"):
+        pne_reduce(stats, weight=1.0)
+    with pytest.raises(TypeError, match=r"stats must be a PNEStats .* got tuple"):
+        pne_reduce(tuple(stats))
+    with pytest.raises(ValueError, match=r"loss_weight must be a finite float, got inf"):
+        pne_reduce(stats, loss_weight=np.inf)
+
+
+# --------------------------------------------------------------------------------------
+# Documentation
+
+
+def test_pne_stats_fields_are_documented():
+    shown = pydoc.render_doc(PNEStats, renderer=pydoc.plaintext)
+    assert PNEStats._fields[-1] == "num_entries"
+    for name in PNEStats._fields:
+        doc = getattr(PNEStats, name).__doc__
+        assert not doc.startswith("Alias for field number"), name
+        assert doc in shown, name
+        assert f"\n      {name}: " in PNEStats.__doc__, f"{name} missing from Attributes"
+
+
+def test_docstring_examples_run():
+    import pne_jax.losses.pne as module
+
+    public = {
+        "pne_loss",
+        "pne_batch_stats",
+        "pne_image_stats",
+        "pne_reduce",
+        "resize_labels_nearest",
+        "validate_labels",
+    }
+    tests = [t for t in doctest.DocTestFinder().find(module) if t.examples]
+    with_examples = {t.name.rsplit(".", 1)[-1] for t in tests}
+    assert public <= with_examples, f"no examples in {sorted(public - with_examples)}"
+    report = io.StringIO()
+    runner = doctest.DocTestRunner()
+    for test in tests:
+        runner.run(test, out=report.write)
+    failed, attempted = runner.summarize(verbose=False)
+    assert attempted >= len(public) and failed == 0, report.getvalue()
 
 
 def test_inside_user_jit_and_grad_of_grad_free_paths():
@@ -431,7 +573,10 @@ def _good():
         (dict(gate=(5, 2)), r"gate must satisfy gate\[0\] <= gate\[1\], got \(5, 2\)"),
         (dict(gate=3), r"gate must be a pair of ints"),
         (dict(max_pairs_per_image=0), r"max_pairs_per_image must be an int >= 1, got 0"),
-        (dict(loss_weight=float("nan")), r"loss_weight must be finite, got nan"),
+        (dict(loss_weight=float("nan")), r"loss_weight must be a finite float, got nan"),
+        (dict(loss_weight=np.ones(2)), r"loss_weight must be a finite float, got array"),
+        (dict(temperature=np.float32("inf")), r"temperature must be a finite float > 0, got .*inf"),
+        (dict(temperature=jnp.ones(3)), r"temperature must be .* or a JAX scalar.*shape \(3,\)"),
     ],
 )
 def test_bad_options_raise_value_error(change, message):

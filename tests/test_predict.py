@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo
 from pne_jax import evaluate, input_pipeline, predict, train, visualize
+from pne_jax.configs import demo
 from pne_jax.models import build_model
+from tests import compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_VALIDATION = 4
@@ -56,14 +57,18 @@ def _tiny_config(data_dir: str):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return dict(
+        os.environ,
+        **compilation_cache.ENV,
+        PYTHONPATH=ROOT,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(config, variables, workdir, folder of the validation images as PNG files)."""
-    from data import data_source
-    from data.prepare import prepare
+    from pne_jax.datasets import data_source, prepare
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     options = dict(num_train=16, num_validation=NUM_VALIDATION, height=128, width=256, seed=0)

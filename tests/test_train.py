@@ -6,7 +6,6 @@ process) against a synthetic set prepared once per session.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -22,9 +21,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import demo
-from pne_jax import checkpoint, optim, train
+from pne_jax import checkpoint, configs, optim, train
+from pne_jax.configs import demo
 from pne_jax.models import build_model
+from tests import compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -152,7 +152,7 @@ def test_loss_parts_feed_the_reference_inputs():
     stats = pne_batch_stats(
         outputs["logits"], labels[:, ::8, ::8], outputs["embeddings"], num_samples=100
     )
-    pne = pne_reduce(stats, num_samples=100, loss_weight=1.3)
+    pne = pne_reduce(stats, loss_weight=1.3)
     np.testing.assert_array_equal(resize_labels_nearest(labels, (8, 8)), labels[:, ::8, ::8])
     np.testing.assert_allclose(parts["ce"], ce, rtol=1e-6)
     np.testing.assert_allclose(parts["pne"], pne, rtol=1e-6)
@@ -197,7 +197,7 @@ def test_unprepared_dataset_names_the_command(tmp_path):
     config.data.name = "cityscapes"
     config.data.options = {}
     config.data.data_dir = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="python -m data.prepare"):
+    with pytest.raises(FileNotFoundError, match="python -m pne_jax prepare"):
         train.prepare_data(config)
 
 
@@ -215,11 +215,15 @@ CONFIGS = [
 ]
 
 
+def test_every_shipped_config_is_traced_below():
+    assert {name for name, _ in CONFIGS} == set(configs.names())
+
+
 @pytest.mark.parametrize("name,arg", CONFIGS)
 def test_every_config_traces_a_train_step(name, arg):
     """Each experiment's model, optimizer and losses trace one train step at a small crop
     (abstractly: compiling the paper's models here would take minutes each)."""
-    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    config = configs.get_config(f"{name}:{arg}" if arg else name)
     assert config.train.steps > 0 and config.pne.enabled
     crop = (64, 64)
     model = build_model(config.model)
@@ -252,15 +256,15 @@ def test_every_config_traces_a_train_step(name, arg):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from data.prepare import prepare
+    from pne_jax.datasets import prepare
 
     path = str(tmp_path_factory.mktemp("tfds"))
     prepare("synthetic", path, num_train=16, num_validation=4, height=128, width=256, seed=0)
     return path
 
 
-def _env(devices=1, **extra):
-    env = dict(os.environ)
+def _env(devices=1, cache=True, **extra):
+    env = dict(os.environ, **(compilation_cache.ENV if cache else {}))
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = ROOT
     env.update(extra)
@@ -382,7 +386,7 @@ def test_two_processes_match_one(tmp_path, data_dir, uninterrupted):
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
-            env=_env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
+            env=_env(cache=False, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"),
             cwd=ROOT,
         )
         for i in range(2)

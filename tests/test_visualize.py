@@ -103,7 +103,7 @@ def test_coco_stuff_palette_entries():
 
 
 def test_synthetic_palette():
-    from data.synthetic import SYNTHETIC
+    from pne_jax.datasets.labels import SYNTHETIC
 
     colours = visualize.palette("synthetic")
     _check_shape(colours, 10)

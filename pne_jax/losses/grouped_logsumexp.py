@@ -15,9 +15,11 @@ are visited in chunks by a `fori_loop` that stops after the last used tile of th
 so the cost follows the pairs actually present rather than the static bound.
 
 The hand-written VJP sends gradient to the row embeddings only, through the dot product
-(norms and columns are constants, as in the reference loss). It recomputes each used
-chunk's softmax rather than storing it for every tile, and adds the gradients of all
-layouts into one [B, M, D] buffer in place: the op is memory-bound, not FLOP-bound.
+(norms, columns and the temperature are constants, as in the reference loss). It
+recomputes each used chunk's softmax rather than storing it for every tile, and adds the
+gradients of all layouts into one [B, M, D] buffer in place: the op is memory-bound, not
+FLOP-bound. Forward and backward run inside `jax.shard_map` with `check_vma=True`: their
+loop carries vary over the manual axes as the inputs do.
 """
 
 from __future__ import annotations
@@ -97,46 +99,62 @@ def _chunk_grad(grad, emb, inv_norm, tiles: TileLayout, lse, g, inv_temp):
     return grad.at[tiles.rows].add(d_units * row_scale[..., None], mode="drop")
 
 
-def _forward(inv_temp, tiles_per_chunk, emb, inv_norm, layouts):
-    lse_fn = jax.vmap(functools.partial(_chunk_lse, inv_temp=inv_temp), (0, 0, _PER_IMAGE))
+def _varying_zeros(shape, *like) -> jax.Array:
+    """float32 zeros of `shape` that vary over every manual mesh axis that `like` varies over.
+
+    Under `jax.shard_map` (with its default `check_vma=True`) a loop's initial carry must
+    have the type of the body's output, which varies over the manual axes wherever the
+    loop's inputs do; `jnp.zeros` varies over none. `full_like` takes its input's variance
+    in every JAX this package supports, where the explicit cast is not one API (`lax.pvary`
+    was removed in 0.10, `lax.pcast` is newer than 0.8.0). The compiled program is the
+    same as with `jnp.zeros`: XLA folds the added zeros away.
+    """
+    out = jnp.zeros(shape, jnp.float32)
+    for x in jax.tree.leaves(like):
+        out = out + lax.full_like(x, 0, jnp.float32, shape=())
+    return out
+
+
+def _forward(tiles_per_chunk, inv_temp, emb, inv_norm, layouts):
+    lse_fn = jax.vmap(_chunk_lse, (0, 0, _PER_IMAGE, None))
     results = []
     for layout in layouts:
 
         def body(i, lse, layout=layout):
-            chunk = lse_fn(emb, inv_norm, _chunk(layout, i, tiles_per_chunk))
+            chunk = lse_fn(emb, inv_norm, _chunk(layout, i, tiles_per_chunk), inv_temp)
             return lax.dynamic_update_slice_in_dim(lse, chunk, i * tiles_per_chunk, axis=1)
 
-        lse = jnp.zeros(layout.rows.shape, jnp.float32)
+        lse = _varying_zeros(layout.rows.shape, inv_temp, emb, inv_norm, layout)
         active = _num_active_chunks(layout, tiles_per_chunk)
         results.append(lax.fori_loop(0, active, body, lse))
     return tuple(results)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped_logsumexp(inv_temp, tiles_per_chunk, emb, inv_norm, layouts):
-    return _forward(inv_temp, tiles_per_chunk, emb, inv_norm, layouts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _grouped_logsumexp(tiles_per_chunk, inv_temp, emb, inv_norm, layouts):
+    return _forward(tiles_per_chunk, inv_temp, emb, inv_norm, layouts)
 
 
-def _grouped_logsumexp_fwd(inv_temp, tiles_per_chunk, emb, inv_norm, layouts):
-    lse = _forward(inv_temp, tiles_per_chunk, emb, inv_norm, layouts)
-    return lse, (emb, inv_norm, layouts, lse)
+def _grouped_logsumexp_fwd(tiles_per_chunk, inv_temp, emb, inv_norm, layouts):
+    lse = _forward(tiles_per_chunk, inv_temp, emb, inv_norm, layouts)
+    return lse, (inv_temp, emb, inv_norm, layouts, lse)
 
 
-def _grouped_logsumexp_bwd(inv_temp, tiles_per_chunk, residuals, g):
-    emb, inv_norm, layouts, lse = residuals
-    axes = (0, 0, 0, _PER_IMAGE, 0, 0)
-    grad_fn = jax.vmap(functools.partial(_chunk_grad, inv_temp=inv_temp), axes)
-    grad = jnp.zeros(emb.shape, jnp.float32)
+def _grouped_logsumexp_bwd(tiles_per_chunk, residuals, g):
+    inv_temp, emb, inv_norm, layouts, lse = residuals
+    grad_fn = jax.vmap(_chunk_grad, (0, 0, 0, _PER_IMAGE, 0, 0, None))
+    grad = _varying_zeros(emb.shape, inv_temp, emb, inv_norm, layouts, lse, g)
     for layout, lse_l, g_l in zip(layouts, lse, g, strict=True):
 
         def body(i, grad, layout=layout, lse_l=lse_l, g_l=g_l):
             tiles = _chunk(layout, i, tiles_per_chunk)
             lse_i = _slice_tiles(lse_l, i, tiles_per_chunk)
             g_i = _slice_tiles(g_l, i, tiles_per_chunk)
-            return grad_fn(grad, emb, inv_norm, tiles, lse_i, g_i)
+            return grad_fn(grad, emb, inv_norm, tiles, lse_i, g_i, inv_temp)
 
         grad = lax.fori_loop(0, _num_active_chunks(layout, tiles_per_chunk), body, grad)
-    return grad.astype(emb.dtype), None, None
+    # No gradient for the temperature, the norms or the layouts (module docstring).
+    return None, grad.astype(emb.dtype), None, None
 
 
 _grouped_logsumexp.defvjp(_grouped_logsumexp_fwd, _grouped_logsumexp_bwd)
@@ -147,7 +165,7 @@ def grouped_logsumexp(
     inv_norm: jax.Array,
     layouts: tuple[TileLayout, ...],
     *,
-    inv_temp: float,
+    inv_temp: float | jax.Array,
     tiles_per_chunk: int,
 ) -> tuple[jax.Array, ...]:
     """Per-row log-sum-exp over each tile's column bank, for each layout (module docstring).
@@ -157,7 +175,8 @@ def grouped_logsumexp(
         Gradient flows to the rows only, through the dot product.
       inv_norm: [B, M] f32 inverse norms, treated as constants.
       layouts: the tiles; each `n_tiles` must be a multiple of `tiles_per_chunk`.
-      inv_temp: 1 / temperature.
+      inv_temp: 1 / temperature: a Python float (a compile-time constant) or a traced f32
+        scalar; it receives no gradient.
       tiles_per_chunk: tiles computed together per loop step.
 
     Returns:
@@ -171,6 +190,8 @@ def grouped_logsumexp(
                 f"tiles_per_chunk={tiles_per_chunk}"
             )
     inv_norm = lax.stop_gradient(inv_norm.astype(jnp.float32))
-    return _grouped_logsumexp(
-        float(inv_temp), int(tiles_per_chunk), embeddings, inv_norm, tuple(layouts)
-    )
+    if isinstance(inv_temp, jax.Array):
+        inv_temp = lax.stop_gradient(inv_temp.astype(jnp.float32))
+    else:
+        inv_temp = float(inv_temp)  # a compile-time constant, as XLA can fold it
+    return _grouped_logsumexp(int(tiles_per_chunk), inv_temp, embeddings, inv_norm, tuple(layouts))

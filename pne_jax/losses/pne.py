@@ -25,6 +25,11 @@ pair, its negatives depend only on its predicted class and its positives only on
 true class, so anchors are sorted into tiles that share a class bank
 (`pne_layout.py`) and compared with one matmul per tile (`grouped_logsumexp.py`).
 
+`loss_weight` and `temperature` are ordinary (traceable) arguments, so a schedule of
+either compiles once; only S, the gate, the options and the shapes are static. The
+per-image statistics (`PNEStats`) carry S in `num_entries`, so `pne_reduce` needs none,
+and work inside `jax.shard_map` (sum them with `jax.lax.psum`, then reduce).
+
 Norms are clamped from below by `NORM_EPSILON` (the reference divides by the raw norm
 and gives NaN for a zero embedding; above the epsilon both agree). Label values other
 than `ignore_index` must lie in [0, C): this cannot be checked inside `jit` without a
@@ -53,12 +58,33 @@ _MAX_CLASSES = 46340  # pair keys pred * C + label must fit in int32
 
 
 class PNEStats(NamedTuple):
-    """Per-image PNE statistics; sum them over images (and devices) and call `pne_reduce`."""
+    """Per-image PNE statistics; sum them over images (and devices) and call `pne_reduce`.
 
-    term_sum: jax.Array  # f32: sum of l_a over the S anchor entries of every kept pair
-    num_pairs: jax.Array  # int32: kept pairs (P)
-    num_anchors: jax.Array  # int32: sum of the true anchor counts |A_jk| of kept pairs (N)
-    dropped_pairs: jax.Array  # int32: pairs left out because of max_pairs_per_image
+    Every field has the same shape: [B] from `pne_batch_stats`, [] from `pne_image_stats`,
+    or whatever leading shape a `vmap` or a sum gives them. They are sums over pairs, so
+    adding the statistics of several images, batches or devices and reducing once gives
+    the loss of all of them together.
+
+    Attributes:
+      term_sum: float32, the sum of `l_a` over the S anchor entries of every kept pair.
+      num_pairs: int32, the kept pairs (P).
+      num_anchors: int32, the sum of the true anchor counts |A_jk| of the kept pairs (N).
+      dropped_pairs: int32, pairs left out because of `max_pairs_per_image`.
+      num_entries: int32, the anchor entries the reduction divides by: kept pairs x S.
+    """
+
+    term_sum: jax.Array
+    num_pairs: jax.Array
+    num_anchors: jax.Array
+    dropped_pairs: jax.Array
+    num_entries: jax.Array
+
+
+PNEStats.term_sum.__doc__ = "float32: sum of l_a over the S anchor entries of every kept pair."
+PNEStats.num_pairs.__doc__ = "int32: kept pairs (P)."
+PNEStats.num_anchors.__doc__ = "int32: sum of the true anchor counts |A_jk| of kept pairs (N)."
+PNEStats.dropped_pairs.__doc__ = "int32: pairs left out because of max_pairs_per_image."
+PNEStats.num_entries.__doc__ = "int32: anchor entries of the kept pairs, P x S (the divisor)."
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -71,21 +97,32 @@ def _check_int(name: str, value, minimum: int) -> int:
     return as_int
 
 
-def _check_options(num_samples, temperature, loss_weight, gate, ignore_index, max_pairs):
-    """Validate and normalise the hyper-parameters (at trace time); returns hashable ones."""
+def _check_scalar(name: str, value, *, positive: bool) -> jax.Array | np.float32:
+    """A float32 scalar from a Python/NumPy number (checked: finite, > 0 if `positive`) or
+    a JAX scalar (traced or not: its value is not read back, only its shape checked)."""
+    want = "a finite float > 0" if positive else "a finite float"
+    if isinstance(value, jax.Array):
+        real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        if jnp.shape(value) != () or not real:
+            raise ValueError(
+                f"{name} must be {want} or a JAX scalar, got a {value.dtype} array of shape "
+                f"{jnp.shape(value)}"
+            )
+        return value.astype(jnp.float32)
+    try:
+        if np.ndim(value) != 0:
+            raise TypeError
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {want}, got {value!r}") from None
+    if not math.isfinite(as_float) or (positive and not as_float > 0):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return np.float32(as_float)
+
+
+def _check_options(num_samples, gate, ignore_index, max_pairs):
+    """Validate and normalise the static hyper-parameters (at trace time)."""
     num_samples = _check_int("num_samples", num_samples, 1)
-    try:
-        temperature = float(temperature)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise ValueError(f"temperature must be a Python float > 0, got {temperature!r}") from None
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    try:
-        loss_weight = float(loss_weight)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise ValueError(f"loss_weight must be a Python float, got {loss_weight!r}") from None
-    if not math.isfinite(loss_weight):
-        raise ValueError(f"loss_weight must be finite, got {loss_weight!r}")
     try:
         low, high = (operator.index(g) for g in gate)
     except (TypeError, ValueError):
@@ -100,7 +137,7 @@ def _check_options(num_samples, temperature, loss_weight, gate, ignore_index, ma
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}") from None
     if max_pairs is not None:
         max_pairs = _check_int("max_pairs_per_image", max_pairs, 1)
-    return num_samples, temperature, loss_weight, (low, high), ignore_index, max_pairs
+    return num_samples, (low, high), ignore_index, max_pairs
 
 
 def _check_arrays(logits, labels, embeddings, batched: bool):
@@ -141,17 +178,10 @@ def _check_arrays(logits, labels, embeddings, batched: bool):
         raise ValueError("embeddings must have at least one channel")
 
 
-_STATIC = (
-    "num_samples",
-    "temperature",
-    "gate",
-    "positive_weighting",
-    "ignore_index",
-    "max_pairs_per_image",
-)
+_STATIC = ("num_samples", "gate", "positive_weighting", "ignore_index", "max_pairs_per_image")
 
 
-def _batch_stats(logits, labels, embeddings, **options) -> PNEStats:
+def _batch_stats(logits, labels, embeddings, inv_temp, **options) -> PNEStats:
     """Per-image statistics [B]; under an Explicit mesh the body runs in Auto mode.
 
     `jax.make_mesh` gives Explicit axes by default, where JAX asks every gather for an
@@ -162,27 +192,28 @@ def _batch_stats(logits, labels, embeddings, **options) -> PNEStats:
     sharding = jax.typeof(logits).sharding
     mesh = getattr(sharding, "mesh", None)
     if mesh is None or not mesh.axis_names:
-        return body(logits, labels, embeddings)
+        return body(logits, labels, embeddings, inv_temp)
     explicit = tuple(
         name
         for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
         if kind == AxisType.Explicit
     )
     if not explicit:
-        return body(logits, labels, embeddings)
+        return body(logits, labels, embeddings, inv_temp)
     batch = PartitionSpec(sharding.spec[0] if len(sharding.spec) else None)
     with jax.sharding.use_abstract_mesh(mesh):
-        auto = jax.sharding.auto_axes(body, axes=explicit, out_sharding=PNEStats(*[batch] * 4))
-        return auto(logits, labels, embeddings)
+        out_sharding = PNEStats(*[batch] * len(PNEStats._fields))
+        auto = jax.sharding.auto_axes(body, axes=explicit, out_sharding=out_sharding)
+        return auto(logits, labels, embeddings, inv_temp)
 
 
 def _batch_stats_body(
     logits,
     labels,
     embeddings,
+    inv_temp,
     *,
     num_samples,
-    temperature,
     gate,
     positive_weighting,
     ignore_index,
@@ -217,7 +248,7 @@ def _batch_stats_body(
             emb,
             inv_norm,
             (layout.neg, layout.fallback, layout.pos),
-            inv_temp=1.0 / temperature,
+            inv_temp=inv_temp,
             tiles_per_chunk=sizes.tiles_per_chunk,
         )
     )
@@ -230,40 +261,53 @@ def _batch_stats_body(
     # the anchor appears among its pair's S entries.
     term = jax.nn.softplus(jnp.where(pairs.kept, neg - pos, 0.0))
     term_sum = jnp.sum(jnp.where(pairs.kept, pairs.multiplicity * term, 0.0), axis=1)
-    return PNEStats(term_sum, pairs.num_pairs, pairs.num_anchors, pairs.dropped_pairs)
+    return PNEStats(
+        term_sum,
+        pairs.num_pairs,
+        pairs.num_anchors,
+        pairs.dropped_pairs,
+        pairs.num_pairs * jnp.int32(num_samples),
+    )
+
+
+def _reduce(stats: PNEStats, loss_weight) -> jax.Array:
+    total = jnp.sum(stats.term_sum)
+    num_anchors = jnp.sum(stats.num_anchors).astype(jnp.float32)
+    # Summed in float32: exact below 2^24 entries, and no int32 overflow on huge batches.
+    entries = jnp.sum(jnp.asarray(stats.num_entries).astype(jnp.float32))
+    scale = jnp.where(entries > 0, loss_weight * num_anchors / jnp.maximum(entries, 1.0) ** 2, 0.0)
+    return total * scale
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _batch_stats_jit(logits, labels, embeddings, **options):
-    return _batch_stats(logits, labels, embeddings, **options)
+def _batch_stats_jit(logits, labels, embeddings, inv_temp, **options):
+    return _batch_stats(logits, labels, embeddings, inv_temp, **options)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "loss_weight"))
-def _loss_jit(logits, labels, embeddings, *, loss_weight, **options):
-    stats = _batch_stats(logits, labels, embeddings, **options)
-    return pne_reduce(stats, num_samples=options["num_samples"], loss_weight=loss_weight)
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _loss_jit(logits, labels, embeddings, inv_temp, loss_weight, **options):
+    return _reduce(_batch_stats(logits, labels, embeddings, inv_temp, **options), loss_weight)
 
 
-def _options(logits, labels, embeddings, *, batched: bool, **kwargs):
-    """Checks the inputs; returns the hashable options of the jitted functions and the weight."""
+def _options(logits, labels, embeddings, *, batched: bool, temperature, **kwargs):
+    """Checks the inputs; returns the static options of the jitted functions and 1 / T."""
     _check_arrays(logits, labels, embeddings, batched=batched)
-    num_samples, temperature, loss_weight, gate, ignore_index, max_pairs = _check_options(
-        kwargs["num_samples"],
-        kwargs["temperature"],
-        kwargs.get("loss_weight", 1.0),
-        kwargs["gate"],
-        kwargs["ignore_index"],
-        kwargs["max_pairs_per_image"],
+    num_samples, gate, ignore_index, max_pairs = _check_options(
+        kwargs["num_samples"], kwargs["gate"], kwargs["ignore_index"], kwargs["max_pairs_per_image"]
     )
     options = dict(
         num_samples=num_samples,
-        temperature=temperature,
         gate=gate,
         positive_weighting=bool(kwargs["positive_weighting"]),
         ignore_index=ignore_index,
         max_pairs_per_image=max_pairs,
     )
-    return options, loss_weight
+    temperature = _check_scalar("temperature", temperature, positive=True)
+    if isinstance(temperature, jax.Array):
+        inv_temp = 1.0 / temperature
+    else:  # 1 / T rounded once, from float64, as when it was a compile-time constant
+        inv_temp = np.float32(1.0 / float(temperature))
+    return options, inv_temp  # grouped_logsumexp stops its gradient
 
 
 def pne_batch_stats(
@@ -272,19 +316,42 @@ def pne_batch_stats(
     embeddings: jax.Array,
     *,
     num_samples: int = 100,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     gate: tuple[int, int] = (0, 199),
     positive_weighting: bool = True,
     ignore_index: int = 255,
     max_pairs_per_image: int | None = None,
 ) -> PNEStats:
-    """Per-image PNE statistics of a batch, each field of shape [B].
+    """Per-image PNE statistics of a batch, to reduce yourself with `pne_reduce`.
 
-    Args are those of `pne_loss` (logits [B, h, w, C], labels [B, h, w], embeddings
-    [B, h, w, D]). Sum the fields over any number of images, devices or hosts and pass
-    them to `pne_reduce`; `pne_loss` does exactly that for one batch.
+    Sum the fields over any number of images, batches, devices or hosts (for example
+    `jax.lax.psum` inside `jax.shard_map`) and pass them to `pne_reduce`; `pne_loss` does
+    exactly that for one batch.
+
+    Args:
+      logits: [B, h, w, C] segmentation logits at the embeddings' resolution.
+      labels: [B, h, w] int class ids at that resolution, `ignore_index` for ignored pixels.
+      embeddings: [B, h, w, D] projection-head output (any float dtype; computed in f32).
+      num_samples, temperature, gate, positive_weighting, ignore_index,
+        max_pairs_per_image: as in `pne_loss`.
+
+    Returns:
+      `PNEStats` whose fields have shape [B]; `term_sum` is differentiable with respect to
+      `embeddings` (only), the counts are int32.
+
+    Example:
+    >>> import numpy as np
+    >>> labels = np.array([[[0, 0], [1, 1]]])  # [B=1, h=2, w=2]: classes 0 and 1
+    >>> # [1, 2, 2, C=2]: the pixel at (1, 0) is labelled 1 but predicted 0, the only anchor
+    >>> logits = np.array([[[[2, 0], [2, 0]], [[2, 0], [0, 2]]]], np.float32)
+    >>> emb = np.array([[[[1, 0], [0, 1]], [[1, 1], [0, 1]]]], np.float32)  # [1, 2, 2, D=2]
+    >>> stats = pne_batch_stats(logits, labels, emb, num_samples=3)
+    >>> stats.num_pairs.tolist(), stats.num_anchors.tolist(), stats.num_entries.tolist()
+    ([1], [1], [3])
+    >>> round(float(stats.term_sum[0]), 4)  # 3 entries of l_a = log(1 + 1 / 0.8808)
+    2.2759
     """
-    options, _ = _options(
+    options, inv_temp = _options(
         logits,
         labels,
         embeddings,
@@ -296,7 +363,7 @@ def pne_batch_stats(
         ignore_index=ignore_index,
         max_pairs_per_image=max_pairs_per_image,
     )
-    return _batch_stats_jit(logits, labels, embeddings, **options)
+    return _batch_stats_jit(logits, labels, embeddings, inv_temp, **options)
 
 
 def pne_image_stats(
@@ -305,18 +372,40 @@ def pne_image_stats(
     embeddings: jax.Array,
     *,
     num_samples: int = 100,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     gate: tuple[int, int] = (0, 199),
     positive_weighting: bool = True,
     ignore_index: int = 255,
     max_pairs_per_image: int | None = None,
 ) -> PNEStats:
-    """PNE statistics of one image (logits [h, w, C], labels [h, w], embeddings [h, w, D]).
+    """PNE statistics of one image; pure and `vmap`-able.
 
-    Pure and `vmap`-able: `pne_reduce(jax.vmap(pne_image_stats)(logits, labels, emb))`
-    equals `pne_loss(logits, labels, emb)`.
+    `pne_reduce(jax.vmap(pne_image_stats)(logits, labels, emb))` equals
+    `pne_loss(logits, labels, emb)`; `pne_batch_stats` gives the same statistics faster.
+
+    Args:
+      logits: [h, w, C] segmentation logits at the embeddings' resolution.
+      labels: [h, w] int class ids at that resolution, `ignore_index` for ignored pixels.
+      embeddings: [h, w, D] projection-head output (any float dtype; computed in f32).
+      num_samples, temperature, gate, positive_weighting, ignore_index,
+        max_pairs_per_image: as in `pne_loss`.
+
+    Returns:
+      `PNEStats` of scalar fields ([] each; [B] under `vmap`).
+
+    Example:
+    >>> import numpy as np
+    >>> labels = np.array([[[0, 0], [1, 1]]])  # [B=1, h=2, w=2]: classes 0 and 1
+    >>> # [1, 2, 2, C=2]: the pixel at (1, 0) is labelled 1 but predicted 0, the only anchor
+    >>> logits = np.array([[[[2, 0], [2, 0]], [[2, 0], [0, 2]]]], np.float32)
+    >>> emb = np.array([[[[1, 0], [0, 1]], [[1, 1], [0, 1]]]], np.float32)  # [1, 2, 2, D=2]
+    >>> stats = jax.vmap(lambda *x: pne_image_stats(*x, num_samples=3))(logits, labels, emb)
+    >>> stats.num_pairs.shape
+    (1,)
+    >>> bool(np.isclose(pne_reduce(stats), pne_loss(logits, labels, emb, num_samples=3)))
+    True
     """
-    options, _ = _options(
+    options, inv_temp = _options(
         logits,
         labels,
         embeddings,
@@ -328,25 +417,60 @@ def pne_image_stats(
         ignore_index=ignore_index,
         max_pairs_per_image=max_pairs_per_image,
     )
-    stats = _batch_stats_jit(logits[None], labels[None], embeddings[None], **options)
+    stats = _batch_stats_jit(logits[None], labels[None], embeddings[None], inv_temp, **options)
     return jax.tree.map(lambda x: x[0], stats)
 
 
-def pne_reduce(stats: PNEStats, *, num_samples: int = 100, loss_weight: float = 1.3) -> jax.Array:
-    """The loss from statistics summed over all images: `w * sum(l_a) * N / (P * S)^2`.
+def pne_reduce(stats: PNEStats, *, loss_weight: float | jax.Array = 1.3, **removed) -> jax.Array:
+    """The loss from statistics summed over all images: `w * sum(l_a) * N / E^2`.
 
-    Fields may have any leading shape (they are summed); 0 when no pair was kept, with a
-    zero gradient.
+    With `E = sum(num_entries)` = P x S, this is the reference's
+    `loss_weight * sum(l_a) * N / (P * S)^2`; the statistics carry S (in `num_entries`),
+    so a reduction cannot use another S than the one they were made with.
+
+    Args:
+      stats: `PNEStats` whose fields have any leading shape (all of it is summed), e.g.
+        [B] from `pne_batch_stats`, or already summed over devices with `jax.lax.psum`.
+      loss_weight: multiplies the loss: a Python/NumPy number (checked finite) or a JAX
+        scalar, traced or not (e.g. a warm-up schedule's value inside a jitted step; new
+        values do not compile again).
+
+    Returns:
+      [] float32 loss; 0 when no pair was kept, with a zero gradient.
+
+    Raises:
+      TypeError: for `num_samples=` (the statistics carry it since `num_entries`) or any
+        other unknown keyword.
+
+    Example:
+    >>> import numpy as np
+    >>> labels = np.array([[[0, 0], [1, 1]]])  # [B=1, h=2, w=2]: classes 0 and 1
+    >>> # [1, 2, 2, C=2]: the pixel at (1, 0) is labelled 1 but predicted 0, the only anchor
+    >>> logits = np.array([[[[2, 0], [2, 0]], [[2, 0], [0, 2]]]], np.float32)
+    >>> emb = np.array([[[[1, 0], [0, 1]], [[1, 1], [0, 1]]]], np.float32)  # [1, 2, 2, D=2]
+    >>> stats = pne_batch_stats(logits, labels, emb, num_samples=3)
+    >>> both = jax.tree.map(lambda x: np.concatenate([x, x]), stats)  # two batches, [2]
+    >>> round(float(pne_reduce(both, loss_weight=1.0)), 4)  # 2 * 2.2759 * 2 / 6^2
+    0.2529
+    >>> pne_reduce(stats, num_samples=3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: pne_reduce() takes no num_samples argument: the statistics carry it ...
     """
-    num_samples = _check_int("num_samples", num_samples, 1)
-    total = jnp.sum(stats.term_sum)
-    num_pairs = jnp.sum(stats.num_pairs)
-    num_anchors = jnp.sum(stats.num_anchors).astype(jnp.float32)
-    entries = num_pairs.astype(jnp.float32) * num_samples
-    scale = jnp.where(
-        num_pairs > 0, loss_weight * num_anchors / jnp.maximum(entries, 1.0) ** 2, 0.0
-    )
-    return total * scale
+    if "num_samples" in removed:
+        raise TypeError(
+            "pne_reduce() takes no num_samples argument: the statistics carry it "
+            "(PNEStats.num_entries = kept pairs x num_samples, set by pne_batch_stats or "
+            "pne_image_stats); remove num_samples="
+        )
+    if removed:
+        raise TypeError(f"pne_reduce() got an unexpected keyword argument {next(iter(removed))!r}")
+    if not isinstance(stats, PNEStats):
+        raise TypeError(
+            f"stats must be a PNEStats (from pne_batch_stats or pne_image_stats), got "
+            f"{type(stats).__name__}"
+        )
+    return _reduce(stats, _check_scalar("loss_weight", loss_weight, positive=False))
 
 
 def pne_loss(
@@ -355,23 +479,27 @@ def pne_loss(
     embeddings: jax.Array,
     *,
     num_samples: int = 100,
-    temperature: float = 1.0,
-    loss_weight: float = 1.3,
+    temperature: float | jax.Array = 1.0,
+    loss_weight: float | jax.Array = 1.3,
     gate: tuple[int, int] = (0, 199),
     positive_weighting: bool = True,
     ignore_index: int = 255,
     max_pairs_per_image: int | None = None,
 ) -> jax.Array:
-    """PNE contrastive loss of a batch, a float32 scalar.
+    """PNE contrastive loss of a batch (module docstring), reduced over the whole batch.
 
     Args:
       logits: [B, h, w, C] segmentation logits at the embeddings' resolution.
       labels: [B, h, w] int class ids at that resolution (`resize_labels_nearest`),
         `ignore_index` for ignored pixels.
       embeddings: [B, h, w, D] projection-head output (f32 or bf16; computed in f32).
-      num_samples: S, the entries each anchor/positive/negative set is brought to.
-      temperature: similarities are cosine / temperature.
-      loss_weight: multiplies the loss.
+      num_samples: S, the entries each anchor/positive/negative set is brought to (static:
+        it sets the shapes).
+      temperature: similarities are cosine / temperature. A Python/NumPy number (checked
+        finite and > 0) or a JAX scalar, traced or not (then its value is not checked);
+        new values do not compile again. It receives no gradient (stop_gradient).
+      loss_weight: multiplies the loss; a number (checked finite) or a JAX scalar, traced
+        or not, as for `pne_reduce`.
       gate: (min, max) true anchor count |A_jk| for a pair to be kept.
       positive_weighting: weight positives by their confidence (the reference always does).
       ignore_index: label of ignored pixels.
@@ -380,31 +508,60 @@ def pne_loss(
         (exact; the sizes then follow from the static shapes).
 
     Returns:
-      The loss. The gradient reaches `embeddings` only.
+      [] float32 loss. Its gradient reaches `embeddings` (and `loss_weight`) only.
+
+    Example:
+    >>> import numpy as np
+    >>> labels = np.array([[[0, 0], [1, 1]]])  # [B=1, h=2, w=2]: classes 0 and 1
+    >>> # [1, 2, 2, C=2]: the pixel at (1, 0) is labelled 1 but predicted 0, the only anchor
+    >>> logits = np.array([[[[2, 0], [2, 0]], [[2, 0], [0, 2]]]], np.float32)
+    >>> emb = np.array([[[[1, 0], [0, 1]], [[1, 1], [0, 1]]]], np.float32)  # [1, 2, 2, D=2]
+    >>> # S = 1: one anchor entry, l_a = log(1 + e^s(a,n) / (w_p e^s(a,p))) with equal cosines
+    >>> # (both 1/sqrt(2)) and w_p = max softmax([0, 2]) = 0.8808; P = N = 1.
+    >>> round(float(pne_loss(logits, labels, emb, num_samples=1)), 4)  # 1.3 log(1 + 1/0.8808)
+    0.9862
+    >>> step = jax.jit(lambda w: pne_loss(logits, labels, emb, num_samples=1, loss_weight=w))
+    >>> round(float(step(1.0)), 4), round(float(step(0.5)), 4)  # traced weight: one compile
+    (0.7586, 0.3793)
     """
-    options, loss_weight = _options(
+    options, inv_temp = _options(
         logits,
         labels,
         embeddings,
         batched=True,
         num_samples=num_samples,
         temperature=temperature,
-        loss_weight=loss_weight,
         gate=gate,
         positive_weighting=positive_weighting,
         ignore_index=ignore_index,
         max_pairs_per_image=max_pairs_per_image,
     )
-    return _loss_jit(logits, labels, embeddings, loss_weight=loss_weight, **options)
+    loss_weight = _check_scalar("loss_weight", loss_weight, positive=False)
+    return _loss_jit(logits, labels, embeddings, inv_temp, loss_weight, **options)
 
 
 def resize_labels_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Resize [..., H, W] labels to [..., h, w] with PyTorch's `mode='nearest'` rule.
+    """Resize labels to `size` with PyTorch's `mode='nearest'` rule, as the reference does.
 
     Output pixel i takes input pixel `floor(i * (H / h))` (the scale in float32, as
     PyTorch computes it), the rule the reference uses to feed labels to the loss; for an
     integer factor f this is `labels[..., ::f, ::f]`. `jax.image.resize(..., 'nearest')`
     samples pixel centres instead and picks different anchors.
+
+    Args:
+      labels: [..., H, W] integer labels (any leading dimensions, e.g. [B, H, W]).
+      size: (h, w), the output height and width (e.g. `logits.shape[1:3]`).
+
+    Returns:
+      [..., h, w] labels of `labels`' dtype.
+
+    Example:
+    >>> import numpy as np
+    >>> labels = np.arange(16).reshape(4, 4)
+    >>> resize_labels_nearest(labels, (2, 2)).tolist()  # labels[::2, ::2]
+    [[0, 2], [8, 10]]
+    >>> resize_labels_nearest(labels, (3, 3)).tolist()  # rows and columns floor(i * 4 / 3)
+    [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
     """
     in_h, in_w = jnp.shape(labels)[-2:]
     out_h, out_w = (_check_int("size", s, 1) for s in size)
@@ -418,11 +575,32 @@ def resize_labels_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array
     return jnp.take(labels, source(in_w, out_w), axis=-1)
 
 
-def validate_labels(labels, num_classes: int, ignore_index: int = 255) -> None:
+def validate_labels(
+    labels: jax.Array | np.ndarray, num_classes: int, ignore_index: int = 255
+) -> None:
     """Eagerly check that every label is in [0, num_classes) or `ignore_index`.
 
-    Outside `jit` only (it reads the values on the host); raises ValueError naming the
-    offending values.
+    The loss cannot check this inside `jit` without a host sync; this reads the values on
+    the host, so call it outside `jit` (for example on a batch from a new data set).
+
+    Args:
+      labels: integer labels of any shape (e.g. [B, H, W]), a NumPy or concrete JAX array.
+      num_classes: C, the number of classes.
+      ignore_index: the label of ignored pixels, allowed besides [0, C).
+
+    Returns:
+      None.
+
+    Raises:
+      ValueError: naming up to ten offending values.
+
+    Example:
+    >>> import numpy as np
+    >>> validate_labels(np.array([[0, 18, 255]]), num_classes=19)
+    >>> validate_labels(np.array([[0, 19, 255]]), num_classes=19)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: labels contain values [19] outside [0, 19) that are not ignore_index=255; ...
     """
     values = np.unique(np.asarray(labels))
     bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]

@@ -14,12 +14,13 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data.ade20k import Ade20kSemseg
-from data.cityscapes import CityscapesSemseg
-from data.coco_stuff import CocoStuff164kSemseg
-from data.labels import DatasetMeta
-from data.semseg import SemSegBuilder
-from data.synthetic import SyntheticConfig, SyntheticSemseg
+from pne_jax.datasets import hide_accelerators_from_tf
+from pne_jax.datasets.ade20k import Ade20kSemseg
+from pne_jax.datasets.cityscapes import CityscapesSemseg
+from pne_jax.datasets.coco_stuff import CocoStuff164kSemseg
+from pne_jax.datasets.labels import dataset_name
+from pne_jax.datasets.semseg import SemSegBuilder
+from pne_jax.datasets.synthetic import SyntheticConfig, SyntheticSemseg
 
 BUILDERS: dict[str, type[SemSegBuilder]] = {
     "cityscapes": CityscapesSemseg,
@@ -27,6 +28,8 @@ BUILDERS: dict[str, type[SemSegBuilder]] = {
     "coco_stuff164k": CocoStuff164kSemseg,
     "synthetic": SyntheticSemseg,
 }
+hide_accelerators_from_tf()  # before any TensorFlow op runs: TensorFlow only reads data
+
 SYNTHETIC_OPTIONS = ("num_train", "num_validation", "height", "width", "seed")
 
 
@@ -35,17 +38,8 @@ class NotPreparedError(FileNotFoundError):
 
 
 def builder_class(name: str) -> type[SemSegBuilder]:
-    """The builder class for a short or registered name."""
-    for short, cls in BUILDERS.items():
-        if name in (short, cls.name):
-            return cls
-    known = ", ".join(f"{s} ({c.name})" for s, c in BUILDERS.items())
-    raise ValueError(f"unknown dataset {name!r}; known: {known}")
-
-
-def dataset_meta(name: str) -> DatasetMeta:
-    """Class names, palette, number of classes and ignore index of a dataset."""
-    return builder_class(name).META
+    """The builder class for a short or registered name (ValueError listing the known ones)."""
+    return BUILDERS[dataset_name(name)]
 
 
 def make_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemSegBuilder:
@@ -70,7 +64,7 @@ def make_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemS
 def prepare_command(builder: SemSegBuilder) -> str:
     """The shell command that prepares `builder`'s dataset."""
     short = next(s for s, c in BUILDERS.items() if isinstance(builder, c))
-    cmd = f"python -m data.prepare --dataset={short} --data_dir={builder.data_dir_root}"
+    cmd = f"python -m pne_jax prepare --dataset={short} --data_dir={builder.data_dir_root}"
     if isinstance(builder, SyntheticSemseg):
         cfg = builder.builder_config
         cmd += "".join(f" --{k}={getattr(cfg, k)}" for k in SYNTHETIC_OPTIONS)

@@ -21,8 +21,14 @@ import tqdm
 from absl import logging
 from PIL import Image
 
-from data.labels import IGNORE_INDEX, DatasetMeta, LabelMapping
-from data.manual import Archive, ArchiveTree, BadSourceFileError, SourceFile, open_archives
+from pne_jax.datasets.labels import IGNORE_INDEX, DatasetMeta, LabelMapping
+from pne_jax.datasets.manual import (
+    Archive,
+    ArchiveTree,
+    BadSourceFileError,
+    SourceFile,
+    open_archives,
+)
 
 Example = dict[str, Any]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.labels import ADE20K, ADE20K_REDUCE_ZERO_LABEL
-from data.manual import Archive
-from data.semseg import SemSegBuilder, match_pairs
+from pne_jax.datasets.labels import ADE20K, ADE20K_REDUCE_ZERO_LABEL
+from pne_jax.datasets.manual import Archive
+from pne_jax.datasets.semseg import SemSegBuilder, match_pairs
 
 # tfds split -> folder under images/ and annotations/.
 FOLDERS = {"train": "training", "validation": "validation"}

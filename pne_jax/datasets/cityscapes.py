@@ -2,7 +2,7 @@
 
 Reads `leftImg8bit_trainvaltest.zip` and `gtFine_trainvaltest.zip` from the manual dir (or
 their extracted `leftImg8bit/` and `gtFine/` folders), maps `*_gtFine_labelIds.png` to the 19
-train ids with the official table (`data.labels`), and stores the source PNGs unchanged.
+train ids with the official table (`pne_jax.datasets.labels`), and stores the source PNGs unchanged.
 The test split has no public labels: its labels are all 255.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from data.labels import CITYSCAPES, CITYSCAPES_ID_TO_TRAIN_ID
-from data.manual import Archive
-from data.semseg import SemSegBuilder, match_pairs
+from pne_jax.datasets.labels import CITYSCAPES, CITYSCAPES_ID_TO_TRAIN_ID
+from pne_jax.datasets.manual import Archive
+from pne_jax.datasets.semseg import SemSegBuilder, match_pairs
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"

@@ -19,7 +19,7 @@ around objects in about half of the images, and unlabelled noise blobs in about 
 Default config (`seed0-train400-val100-128x256`): 400 train and 100 validation images of
 128x256; preparing it takes a few seconds on 2 CPU cores (measured in tests/test_datasets.py).
 Other sizes: `SyntheticConfig(num_train=..., num_validation=..., height=..., width=...,
-seed=...)`, e.g. `data.prepare.prepare("synthetic", data_dir, num_train=1000)`.
+seed=...)`, e.g. `pne_jax.datasets.prepare("synthetic", data_dir, num_train=1000)`.
 """
 
 from __future__ import annotations
@@ -31,17 +31,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from data.labels import IGNORE_INDEX, DatasetMeta
-from data.semseg import Example, SemSegBuilder, encode_png
+from pne_jax.datasets.labels import IGNORE_INDEX, SYNTHETIC
+from pne_jax.datasets.semseg import Example, SemSegBuilder, encode_png
 
 SKY, VEGETATION, ROAD, WATER, DOTTED, STRIPED, CHECKERED, SPECKLED, CAR, BOAT = range(10)
-SYNTHETIC = DatasetMeta(
-    name="synthetic",
-    class_names=("sky", "vegetation", "road", "water", "dotted", "striped", "checkered",
-                 "speckled", "car", "boat"),
-    palette=((70, 130, 180), (107, 142, 35), (128, 64, 128), (0, 90, 160), (255, 140, 0),
-             (220, 20, 60), (160, 60, 200), (200, 170, 110), (0, 0, 142), (0, 200, 200)),
-)  # fmt: skip
 _SPLIT_IDS = {"train": 0, "validation": 1}
 
 

@@ -4,16 +4,16 @@ Reads `train2017.zip`, `val2017.zip` and `stuffthingmaps_trainval2017.zip` from 
 dir (or extracted copies: `train2017/`, `val2017/` or MMSegmentation's `images/train2017/`;
 `stuffthingmaps_trainval2017/`, `annotations/` or the manual dir itself for the maps), stores
 the source JPEGs unchanged and maps the 182 raw ids to 171 classes as MMSegmentation's
-converter does (`data.labels`). Train on `train`, evaluate on `validation`.
+converter does (`pne_jax.datasets.labels`). Train on `train`, evaluate on `validation`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from data.labels import COCO_STUFF164K, COCO_STUFF_RAW_TO_TRAIN_ID
-from data.manual import Archive
-from data.semseg import SemSegBuilder, match_pairs
+from pne_jax.datasets.labels import COCO_STUFF164K, COCO_STUFF_RAW_TO_TRAIN_ID
+from pne_jax.datasets.manual import Archive
+from pne_jax.datasets.semseg import SemSegBuilder, match_pairs
 
 # tfds split -> COCO folder name (in the image zip and in the stuffthingmaps zip).
 FOLDERS = {"train": "train2017", "validation": "val2017"}

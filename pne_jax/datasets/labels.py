@@ -2,7 +2,8 @@
 
 Each table is transcribed from the source named above it. Train ids are contiguous from 0;
 255 is "ignore" everywhere. A `LabelMapping` also knows which raw values may occur at all,
-so a builder can reject an unknown value instead of silently mapping it.
+so a builder can reject an unknown value instead of silently mapping it. NumPy only (no
+TensorFlow): `dataset_meta(name)` is what models, metrics and palettes need of a dataset.
 """
 
 from __future__ import annotations
@@ -296,3 +297,41 @@ def check_tables(metas: Sequence[DatasetMeta] = (CITYSCAPES, ADE20K, COCO_STUFF1
 
 
 check_tables()
+
+# --------------------------------------------------------------------------------------------
+# The synthetic set's own classes (`pne_jax/datasets/synthetic.py` draws them).
+# fmt: off
+SYNTHETIC = DatasetMeta(
+    name="synthetic",
+    class_names=("sky", "vegetation", "road", "water", "dotted", "striped", "checkered",
+                 "speckled", "car", "boat"),
+    palette=((70, 130, 180), (107, 142, 35), (128, 64, 128), (0, 90, 160), (255, 140, 0),
+             (220, 20, 60), (160, 60, 200), (200, 170, 110), (0, 0, 142), (0, 200, 200)),
+)
+# fmt: on
+
+DATASETS: dict[str, DatasetMeta] = {
+    meta.name: meta for meta in (CITYSCAPES, ADE20K, COCO_STUFF164K, SYNTHETIC)
+}
+"""Short dataset name -> its classes; each is registered with tfds as `<name>_semseg`."""
+
+
+def dataset_name(name: str) -> str:
+    """The short name (`cityscapes`) of a short or registered (`cityscapes_semseg`) name;
+    ValueError listing the known ones otherwise."""
+    for short in DATASETS:
+        if name in (short, f"{short}_semseg"):
+            return short
+    known = ", ".join(f"{s} ({s}_semseg)" for s in DATASETS)
+    raise ValueError(f"unknown dataset {name!r}; known: {known}")
+
+
+def is_known_dataset(name: str) -> bool:
+    """Whether `name` is one of `DATASETS`, short or registered."""
+    return any(name in (short, f"{short}_semseg") for short in DATASETS)
+
+
+def dataset_meta(name: str) -> DatasetMeta:
+    """Class names, palette, number of classes and ignore index of a dataset (short or
+    registered name)."""
+    return DATASETS[dataset_name(name)]
