@@ -287,7 +287,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     if not datasets.is_known_dataset(config.data.name):
         import tensorflow_datasets as tfds
 
-        if config.data.name not in tfds.list_builders(with_community_datasets=False):
+        builder = config.data.name.split("/")[0].split(":")[0]  # name[/config][:version]
+        if builder not in tfds.list_builders(with_community_datasets=False):
             raise ValueError(
                 f"unknown dataset config.data.name={config.data.name!r}; pne-jax's datasets: "
                 f"{', '.join(datasets.DATASETS)}, or the name of a tfds dataset registered in "
@@ -295,7 +296,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
             )
         return  # a prepared tfds dataset of the user's
     options = dict(config.data.options)
-    if config.data.name in ("synthetic", "synthetic_semseg"):
+    if datasets.dataset_name(config.data.name) == "synthetic":
         if jax.process_index() == 0:
             datasets.prepare(config.data.name, config.data.data_dir, **options)
         if jax.process_count() > 1:

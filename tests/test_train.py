@@ -201,6 +201,16 @@ def test_unprepared_dataset_names_the_command(tmp_path):
         train.prepare_data(config)
 
 
+def test_other_dataset_names_must_be_registered_tfds_datasets(tmp_path):
+    config = _tiny_config()
+    config.data.data_dir = str(tmp_path)
+    config.data.name = "mnist/3.0.1"  # a tfds name, with version: read by tfds itself
+    train.prepare_data(config)
+    config.data.name = "cityscape"
+    with pytest.raises(ValueError, match="unknown dataset.*cityscapes, ade20k"):
+        train.prepare_data(config)
+
+
 CONFIGS = [
     ("demo", None),
     ("cityscapes_deeplab", None),

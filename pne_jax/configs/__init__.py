@@ -56,9 +56,8 @@ def resolve(spec: str) -> tuple[str, str | None]:
 def get_config(spec: str) -> ml_collections.ConfigDict:
     """The config of a shipped name or a file of your own, `name[:arg]` or `path.py[:arg]`."""
     path, arg = resolve(spec)
-    target = spec.partition(":")[0]
-    if not _is_path(target):
-        module = importlib.import_module(f"{__name__}.{target}")
+    if not _is_path(spec.partition(":")[0]):  # shipped: import it as part of the package
+        module = importlib.import_module(f"{__name__}.{os.path.basename(path)[:-3]}")
     else:
         name = f"_pne_jax_user_config_{os.path.splitext(os.path.basename(path))[0]}"
         module_spec = importlib.util.spec_from_file_location(name, path)

@@ -316,19 +316,21 @@ DATASETS: dict[str, DatasetMeta] = {
 """Short dataset name -> its classes; each is registered with tfds as `<name>_semseg`."""
 
 
+_SHORT_NAMES = {alias: s for s in DATASETS for alias in (s, f"{s}_semseg")}
+
+
 def dataset_name(name: str) -> str:
     """The short name (`cityscapes`) of a short or registered (`cityscapes_semseg`) name;
     ValueError listing the known ones otherwise."""
-    for short in DATASETS:
-        if name in (short, f"{short}_semseg"):
-            return short
-    known = ", ".join(f"{s} ({s}_semseg)" for s in DATASETS)
-    raise ValueError(f"unknown dataset {name!r}; known: {known}")
+    if name not in _SHORT_NAMES:
+        known = ", ".join(f"{s} ({s}_semseg)" for s in DATASETS)
+        raise ValueError(f"unknown dataset {name!r}; known: {known}")
+    return _SHORT_NAMES[name]
 
 
 def is_known_dataset(name: str) -> bool:
     """Whether `name` is one of `DATASETS`, short or registered."""
-    return any(name in (short, f"{short}_semseg") for short in DATASETS)
+    return name in _SHORT_NAMES
 
 
 def dataset_meta(name: str) -> DatasetMeta:

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
 from pne_jax.datasets import DEFAULT_DATA_DIR
-from pne_jax.datasets.catalog import BUILDERS, builder_class, make_builder
+from pne_jax.datasets.catalog import BUILDERS, SYNTHETIC_OPTIONS, builder_class, make_builder
 from pne_jax.datasets.manual import BadSourceFileError, MissingManualFilesError
 from pne_jax.datasets.semseg import SemSegBuilder, SplitSizeError
 
@@ -34,7 +34,7 @@ def prepare(
     """Prepares `name` in `data_dir` unless already prepared; returns its builder.
 
     manual_dir: where the downloaded archives are (default `<data_dir>/downloads/manual`).
-    options: see `data.catalog.make_builder` (synthetic sizes and seed; expected_split_sizes).
+    options: see `catalog.make_builder` (synthetic sizes and seed; expected_split_sizes).
     Raises `MissingManualFilesError`, `BadSourceFileError` or `SplitSizeError` (each naming
     the file, folder or counts) without leaving anything that looks prepared.
     """
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     options: dict[str, Any] = {}
-    for key in ("num_train", "num_validation", "height", "width", "seed"):
+    for key in SYNTHETIC_OPTIONS:
         if FLAGS[key].value is not None:
             if cls.name != "synthetic_semseg":
                 raise app.UsageError(f"--{key} applies to the synthetic dataset only")
@@ -117,8 +117,3 @@ def main(argv: list[str]) -> None:
         prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir, **options)
     except (MissingManualFilesError, BadSourceFileError, SplitSizeError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from None  # the message says it all; no traceback
-
-
-if __name__ == "__main__":
-    define_flags()
-    app.run(main)
