@@ -31,7 +31,7 @@ COMMANDS = {
     "eval": "evaluate a checkpoint of a workdir on the validation split",
     "predict": "predict image files with a checkpoint: label, colour and overlay PNGs",
     "prepare": "prepare a dataset (tfds ArrayRecord) from its downloads, once",
-    "convert": "convert a timm ImageNet checkpoint into backbone weights (.npz)",
+    "convert": "convert a checkpoint (timm, MMCV, MMSegmentation, Swin) into weights (.npz)",
 }
 MODES = ("train_and_eval", "train", "eval")
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")

@@ -2,7 +2,9 @@
 
 They reproduce MMSegmentation/MMCV's semantics:
 
-* poly decay: `lr(t) = (base - min) * (1 - t / T) ** power + min` at 0-based step t;
+* poly decay: `lr(t) = (base - min) * (1 - t / T) ** power + min` at 0-based step t
+  (MMCV 0.x's, which the paper's MMSegmentation 0.13 used; 1.x's mmengine PolyLR with
+  `end=T` decays over T - 1 steps: tests/test_mmseg_parity.py);
 * linear warm-up over the first `warmup_steps`: the poly rate times a factor rising
   linearly from `warmup_ratio` to 1 (MMCV's `warmup='linear'`);
 * SGD with L2 weight decay added to the gradient before momentum (PyTorch's SGD);

@@ -210,7 +210,8 @@ def init_state(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
 ) -> TrainState:
-    """The initial, replicated state (backbone from `config.model.pretrained` if set)."""
+    """The initial, replicated state: the backbone from `config.model.pretrained` or the
+    whole model from `config.model.init_from`, if set (`pretrained` explains both)."""
     crop = tuple(config.data.crop_size)
     image = jnp.zeros((1, *crop, 3), jnp.float32)
     replicated = NamedSharding(mesh, P())
@@ -222,9 +223,7 @@ def init_state(
         return variables, jax.random.key_data(state_key)
 
     variables, rng = jax.jit(init, out_shardings=replicated)(key)
-    if config.model.get("pretrained"):
-        converted = pretrained.load_variables(config.model.pretrained)
-        variables = jax.device_put(pretrained.load_backbone(variables, converted), replicated)
+    variables = jax.device_put(initial_weights(variables, config.model), replicated)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
     minus_one = jax.device_put(jnp.int32(-1), replicated)
@@ -237,6 +236,31 @@ def init_state(
         bad_step=minus_one,
         bad_parts=jax.device_put(jnp.int32(0), replicated),
     )
+
+
+def _weight_files(model_config: ml_collections.ConfigDict) -> tuple[str | None, str | None]:
+    """(model.pretrained, model.init_from); ValueError if both are set."""
+    backbone_file, model_file = model_config.get("pretrained"), model_config.get("init_from")
+    if backbone_file and model_file:
+        raise ValueError(
+            "set one of model.pretrained (a backbone) and model.init_from (a whole model, "
+            "backbone included), not both"
+        )
+    return backbone_file, model_file
+
+
+def initial_weights(variables: dict, model_config: ml_collections.ConfigDict) -> dict:
+    """`variables` (a fresh init) with `model_config.pretrained` (an ImageNet backbone) or
+    `model_config.init_from` (a whole model) loaded: a converted .npz or a checkpoint."""
+    backbone_file, model_file = _weight_files(model_config)
+    if backbone_file:
+        converted = pretrained.backbone_variables(backbone_file, model_config.backbone)
+        return pretrained.load_backbone(variables, converted)
+    if model_file:
+        return pretrained.merge_variables(
+            variables, pretrained.model_variables(model_file, model_config)
+        )
+    return variables
 
 
 def check_finite(state: TrainState) -> None:
@@ -458,16 +482,22 @@ def load_variables(
     (default `config.eval.checkpoint`, else the latest), replicated over all devices, and
     that step. Only the variables are read, not the optimizer state.
 
-    Raises FileNotFoundError when there is no such checkpoint, and ValueError naming the
-    parameters (path, saved vs expected shape) when it holds another model than
-    `config.model` builds (other classes, other backbone).
+    Without any checkpoint in `workdir` (and no step asked for), a whole model given as
+    `config.model.init_from` (e.g. an MMSegmentation model-zoo checkpoint) is loaded
+    instead, as step 0. Raises FileNotFoundError when there is no such checkpoint, and
+    ValueError naming the parameters (path, saved vs expected shape) when it holds
+    another model than `config.model` builds (other classes, other backbone).
     """
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     no_checkpoint = FileNotFoundError(
         f"no checkpoints in {directory}: train first (pne-jax train --config=... "
-        f"--workdir={workdir}), or pass the --workdir of a trained run"
+        f"--workdir={workdir}), pass the --workdir of a trained run, or set "
+        "--config.model.init_from to a whole model's weights"
     )
-    if not os.path.isdir(directory):  # (a Checkpointer would create it)
+    asked = step is not None or config.get("eval", {}).get("checkpoint") is not None
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        if config.model.get("init_from") and not asked:
+            return _init_from_variables(config), 0
         raise no_checkpoint
     ckpt = checkpoint.Checkpointer(directory)
     try:
@@ -477,6 +507,8 @@ def load_variables(
         if step is None:
             step = ckpt.latest_step()
         if step is None:
+            if config.model.get("init_from") and not asked:
+                return _init_from_variables(config), 0
             raise no_checkpoint
         if int(step) not in steps:
             raise FileNotFoundError(
@@ -494,7 +526,7 @@ def load_variables(
         differences = checkpoint.config_differences(
             {"model": ckpt.saved_config(step).get("model", {})},
             {"model": _config_dict(config)["model"]},
-            allowed=("model.pretrained", "model.dtype"),
+            allowed=("model.pretrained", "model.init_from", "model.dtype"),
         )
         try:
             variables = ckpt.restore_variables(step, abstract)
@@ -515,6 +547,21 @@ def load_variables(
     finally:
         ckpt.close()
     return variables, step
+
+
+def _init_from_variables(config: ml_collections.ConfigDict) -> dict:
+    """The variables of `config.model.init_from` alone, replicated (no checkpoint)."""
+    _weight_files(config.model)
+    logging.info("no checkpoint: using the weights of model.init_from=%s", config.model.init_from)
+    model = build_model(config.model)
+    image = jnp.zeros((1, *config.data.crop_size, 3), jnp.float32)
+    variables = jax.jit(lambda: model.init(jax.random.key(0), image, train=False))()
+    variables = initial_weights(variables, config.model)
+    replicated = NamedSharding(make_mesh(), P())
+    return jax.device_put(
+        {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
+        replicated,
+    )
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

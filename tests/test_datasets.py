@@ -332,7 +332,7 @@ def test_unknown_label_value_named(tmp_path):
         )
 
 
-def test_split_sizes_checked(tmp_path):
+def test_split_sizes_checked(tmp_path, capsys, caplog):
     manual = write_tree(fake_ade20k(np.random.default_rng(0)), tmp_path / "manual", "zip")
     with pytest.raises(SplitSizeError) as err:
         prepare("ade20k", tmp_path / "tfds", manual)  # the published sizes by default
@@ -340,6 +340,64 @@ def test_split_sizes_checked(tmp_path):
         err.value
     )
     assert not data.make_builder("ade20k", tmp_path / "tfds").data_path.exists()
+
+    # A subset on purpose (--nocheck_split_sizes): a later checking run refuses it.
+    subset = prepare("ade20k", tmp_path / "tfds", manual, expected_split_sizes=None)
+    recorded = data.make_builder("ade20k", tmp_path / "tfds").info.metadata  # metadata.json
+    assert recorded["expected_split_sizes"] is None
+    with pytest.raises(SplitSizeError) as err:
+        prepare("ade20k", tmp_path / "tfds", manual)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(
+        f"ade20k_semseg: the data prepared at {subset.data_path}"
+    )
+    assert "has train 3, validation 2, not the expected train 20210, validation 2000" in msg
+    assert "a subset, prepared without the split-size check" in msg
+    assert "pass --nocheck_split_sizes" in msg and f"delete {subset.data_path} and prepare" in msg
+    capsys.readouterr()
+    prepare("ade20k", tmp_path / "tfds", manual, expected_split_sizes=None)
+    assert "already prepared" in capsys.readouterr().out
+    # Reading it is allowed (training on a subset is a choice), with a warning.
+    with caplog.at_level("WARNING"):
+        assert len(data.data_source("ade20k", "train", tmp_path / "tfds")) == 3
+    assert "not the expected train 20210, validation 2000" in caplog.text
+
+
+def test_missing_files_name_dataset_and_expected_path(tmp_path):
+    coco = fake_coco(np.random.default_rng(0))
+    del coco["stuffthingmaps_trainval2017.zip"]["train2017/000000000025.png"]
+    manual = write_tree(coco, tmp_path / "coco", "mmseg")
+    with pytest.raises(BadSourceFileError) as err:
+        prepare("coco_stuff164k", tmp_path / "tfds", manual)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("coco_stuff164k_semseg, split 'train': 1 image(s) without a label: ")
+    image, label = (manual / f"{top}/train2017/000000000025" for top in ("images", "annotations"))
+    assert f"{image}.jpg needs {label}.png (or 000000000025_labelTrainIds.png)" in msg
+
+    city = fake_cityscapes(np.random.default_rng(0))
+    stem = "val/frankfurt/frankfurt_000001_000019"
+    del city["gtFine_trainvaltest.zip"][f"gtFine/{stem}_gtFine_labelIds.png"]
+    manual = write_tree(city, tmp_path / "city", "zip")
+    with pytest.raises(BadSourceFileError) as err:
+        prepare("cityscapes", tmp_path / "tfds", manual)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("cityscapes_semseg, split 'validation': 1 image(s)")
+    assert f"needs {manual}/gtFine_trainvaltest.zip:gtFine/{stem}_gtFine_labelIds.png" in msg
+
+    ade = fake_ade20k(np.random.default_rng(0))
+    del ade["ADEChallengeData2016.zip"][
+        "ADEChallengeData2016/images/training/ADE_train_00000002.jpg"
+    ]
+    manual = write_tree(ade, tmp_path / "ade", "unzipped")
+    with pytest.raises(BadSourceFileError) as err:
+        prepare("ade20k", tmp_path / "tfds", manual)
+    root = manual / "ADEChallengeData2016"
+    assert str(err.value).startswith("ade20k_semseg, split 'train': 1 label(s) without an image: ")
+    assert (
+        f"{root}/annotations/training/ADE_train_00000002.png needs "
+        f"{root}/images/training/ADE_train_00000002.jpg" in str(err.value)
+    )
 
 
 def test_corrupt_image_named_and_nothing_half_written(tmp_path):
@@ -440,6 +498,35 @@ def test_synthetic_default_preparation(tmp_path):
     np.testing.assert_array_equal(first["image"].numpy(), src[0]["image"])
     np.testing.assert_array_equal(first["label"].numpy(), src[0]["label"])
     assert first["name"].numpy() == src[0]["name"]
+
+
+def test_tf_dataset_decodes_jpeg_as_pil(tmp_path):
+    """TensorFlow's default JPEG IDCT is off by up to 4 on noisy images; ours is exact."""
+    trees = fake_coco(np.random.default_rng(0), h=24, w=32)  # one greyscale JPEG in train
+    cmyk = np.random.default_rng(1).integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(cmyk, "CMYK").save(buf, format="JPEG")
+    trees["train2017.zip"]["train2017/000000000030.jpg"] = buf.getvalue()  # stored as PNG
+    manual = write_tree(trees, tmp_path / "manual", "zip")
+    sizes = SIZES["coco_stuff164k"]
+    builder = prepare("coco_stuff164k", tmp_path / "tfds", manual, expected_split_sizes=sizes)
+    stored = builder.as_data_source("train", deserialize_method=NO_DECODE)
+    assert [r.features.feature["image"].bytes_list.value[0][:4] for r in stored] == [
+        b"\xff\xd8\xff\xe0",  # JPEG
+        b"\xff\xd8\xff\xe0",  # greyscale JPEG
+        b"\x89PNG",  # the CMYK JPEG, converted
+    ]
+    sources = source_members(trees)
+    ds = data.tf_dataset("coco_stuff164k", "train", tmp_path / "tfds", expected_split_sizes=sizes)
+    src = data.data_source("coco_stuff164k", "train", tmp_path / "tfds", expected_split_sizes=sizes)
+    seen = 0
+    for ex, np_ex in zip(ds.as_numpy_iterator(), src, strict=True):
+        pil = Image.open(io.BytesIO(sources[ex["name"].decode() + ".jpg"])).convert("RGB")
+        assert ex["image"].shape == (24, 32, 3)
+        np.testing.assert_array_equal(ex["image"], np.asarray(pil))
+        np.testing.assert_array_equal(ex["label"], np_ex["label"])
+        seen += 1
+    assert seen == 3
 
 
 def test_unknown_dataset_and_options(tmp_path):

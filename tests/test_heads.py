@@ -248,3 +248,45 @@ def test_heads_under_batch_sharding_match_the_unsharded_batch():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             a, b = np.asarray(a), np.asarray(b)
             assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1.0), name
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1, 5), (2, 3, 4, 6)])
+def test_batch_norm_is_pytorchs(shape):
+    """Training: normalised with the biased batch variance, running variance updated with
+    the unbiased one (PyTorch's BatchNorm2d; ASPP's 1x1 image-pool map at batch 8 is the
+    first shape); evaluation: the running statistics. float64 NumPy reference."""
+    from pne_jax.models.layers import batch_norm
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, shape).astype(np.float32)
+    layer = batch_norm(train=True, name="bn")
+    initial = layer.init(jax.random.key(0), x)["batch_stats"]  # init leaves them alone
+    np.testing.assert_array_equal(initial["var"], np.ones(shape[-1]))
+    stats = {"mean": np.linspace(-1, 1, shape[-1]), "var": np.linspace(0.5, 2, shape[-1])}
+    params = {"scale": np.linspace(0.5, 1.5, shape[-1]), "bias": np.linspace(-0.2, 0.2, shape[-1])}
+    v = {"params": params, "batch_stats": stats}
+    y, updates = layer.apply(v, x, mutable=["batch_stats"])
+    x64 = x.astype(np.float64).reshape(-1, shape[-1])
+    mean, var = x64.mean(0), x64.var(0)
+    n = x64.shape[0]
+    want = (x64 - mean) / np.sqrt(var + BN_EPSILON) * params["scale"] + params["bias"]
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, shape[-1]), want, rtol=1e-5, atol=1e-5)
+    new = updates["batch_stats"]
+    np.testing.assert_allclose(new["mean"], 0.9 * stats["mean"] + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(new["var"], 0.9 * stats["var"] + 0.1 * var * n / (n - 1), rtol=1e-5)
+    evaluated = batch_norm(train=False).apply(v, x)
+    want = (x - stats["mean"]) / np.sqrt(stats["var"] + BN_EPSILON) * params["scale"]
+    np.testing.assert_allclose(evaluated, want + params["bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_ocr_first_stage_statistics_move_as_run_twice():
+    """MMSegmentation runs OCRNet's FCN stage twice per training step on the same batch:
+    its running statistics move by 0.9^2; the other heads' once (0.9)."""
+    import ml_collections
+
+    from pne_jax.models import build_model
+
+    config = dict(backbone="resnet_tiny_v1c", decode_head="ocr", num_classes=3, projection=False)
+    model = build_model(ml_collections.ConfigDict(config))
+    assert model.aux_head.bn_momentum == pytest.approx(0.81)
+    config["decode_head"] = "aspp"
+    assert build_model(ml_collections.ConfigDict(config)).aux_head.bn_momentum == 0.9

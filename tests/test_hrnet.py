@@ -125,7 +125,7 @@ def test_forward_train_updates_batch_stats():
 )
 def test_any_input_size_works(size, branches):
     """Sizes not divisible by 32: the coarse branches are resized onto the finer ones after
-    the 2^k nearest upsampling (MMSegmentation's fusion), so evaluation at kept-ratio test
+    the 2^k bilinear upsampling (MMSegmentation's fusion), so evaluation at kept-ratio test
     scales works."""
     model = hrnet.hrnetv2_w18()
     variables = _random_variables("hrnetv2_w18")
@@ -153,7 +153,7 @@ def test_bfloat16_matches_float32():
 def test_parity_with_timm(timm_name, name):
     import torch
 
-    from pne_jax.pretrained import TimmArch, convert_state_dict
+    from pne_jax.pretrained import KeyMap, convert_state_dict
     from tests.timm_compat import (
         import_timm,
         randomize_norms,
@@ -184,8 +184,8 @@ def test_parity_with_timm(timm_name, name):
         for k in unexpected
     )
 
-    model = WIDTHS[name][0]()
-    spec = TimmArch(backbone=name, renames=hrnet.TIMM_RENAMES, ignore=hrnet.TIMM_IGNORE)
+    model = WIDTHS[name][0](fuse_upsample="nearest")  # timm's fusion repeats pixels
+    spec = KeyMap(backbone=name, renames=hrnet.TIMM_RENAMES, ignore=hrnet.TIMM_IGNORE)
     variables = convert_state_dict(model, state_dict, spec, name=timm_name)
 
     image = np.random.default_rng(0).standard_normal((1, 3, 96, 160)).astype(np.float32)

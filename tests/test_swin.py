@@ -13,10 +13,10 @@ import pytest
 from flax import traverse_util
 
 from pne_jax.models.backbones import swin
-from pne_jax.pretrained import TimmArch, convert_state_dict
+from pne_jax.pretrained import KeyMap, convert_state_dict
 
 VARIANTS = {"swin_tiny": (swin.swin_tiny, 96), "swin_base": (swin.swin_base, 128)}
-SPEC = TimmArch("swin", swin.TIMM_RENAMES, swin.TIMM_IGNORE, swin.TIMM_FRESH)
+SPEC = KeyMap("swin", swin.TIMM_RENAMES, swin.TIMM_IGNORE, swin.TIMM_FRESH)
 
 
 def _abstract(model, size, batch=2):

@@ -405,12 +405,15 @@ def test_two_processes_match_one(tmp_path, data_dir, uninterrupted):
     want = {r["step"]: r for r in _records(uninterrupted)}
     got = _records(workdir)
     assert [r["step"] for r in got] == list(range(1, 13))
-    # Measured: equal to 1e-7 for steps 1-3 and 6e-7 at step 4. Later, float-level
-    # differences of the cross-process reductions grow, and PNE's discrete pair selection
-    # (a single kept pair at step 6) turns them into visibly different losses, as any change
-    # of reduction order would; so the first four steps are compared.
+    # Measured: equal to 1e-7 for steps 1-3; at step 4 the loss to 5e-7 but PNE's part to
+    # 5e-6 to 1.6e-5 (it depends on float-level details of BatchNorm's reductions). Later,
+    # float-level differences of the cross-process reductions grow, and PNE's discrete pair
+    # selection (a single kept pair at step 6) turns them into visibly different losses, as
+    # any change of reduction order would; so the first four steps are compared, PNE's part
+    # at step 4 to 1e-4.
     for record in got[:4]:
         for key in ("train/loss", "train/ce", "train/aux", "train/pne", "train/pne_pairs"):
+            rtol = 1e-4 if key == "train/pne" and record["step"] == 4 else 1e-5
             np.testing.assert_allclose(
-                record[key], want[record["step"]][key], rtol=1e-5, err_msg=key
+                record[key], want[record["step"]][key], rtol=rtol, err_msg=key
             )

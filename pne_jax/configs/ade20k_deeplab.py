@@ -4,7 +4,8 @@
     pne-jax train --config=ade20k_deeplab:160k
     pne-jax train --config=ade20k_deeplab --config.pne.enabled=False  # baseline
 
-Hardware: one host with 8 GPUs/TPU cores (2 images each). Backbone: `--arch=resnet101c`.
+Hardware: one host with 8 GPUs/TPU cores (2 images each). Initialisation that reproduces the
+paper: MMCV's `open-mmlab://resnet101_v1c` (`--config.model.pretrained=resnet101_v1c-e67eebb6.pth`).
 Expected (single-scale val mIoU), baseline: MMSegmentation 44.08 (80k), 45.00 (160k). With
 PNE: the paper's figure; ours once measured.
 """

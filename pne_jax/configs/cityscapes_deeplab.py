@@ -5,7 +5,10 @@
     pne-jax train --config=cityscapes_deeplab --config.pne.enabled=False  # baseline
 
 Hardware: one host with 8 GPUs/TPU cores (1 image each), or fewer with the same global batch.
-Backbone: `pne-jax convert --arch=resnet101c ...`, then `--config.model.pretrained=r101.npz`.
+Initialisation that reproduces the paper: MMCV's `open-mmlab://resnet101_v1c` (the official
+PNE config's `pretrained`), `--config.model.pretrained=resnet101_v1c-e67eebb6.pth`; timm's
+`resnet101c.gluon_in1k` (`pne-jax convert --arch=resnet101c`) is other weights, another
+baseline. `--config.model.init_from=<MMSegmentation zoo .pth>` starts from a trained model.
 Expected (single-scale val mIoU), baseline: MMSegmentation 77.12 (40k), 80.20 (80k).
 With PNE: the paper's figure (arXiv 2207.01417); ours once measured, in the README.
 """

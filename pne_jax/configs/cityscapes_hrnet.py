@@ -4,7 +4,9 @@
     pne-jax train --config=cityscapes_hrnet:80k      # or :160k
     pne-jax train --config=cityscapes_hrnet --config.pne.enabled=False  # baseline
 
-Hardware: one host with 8 GPUs/TPU cores. Backbone: `pne-jax convert --arch=hrnet_w48 ...`.
+Hardware: one host with 8 GPUs/TPU cores. Initialisation that reproduces the
+paper: `open-mmlab://msra/hrnetv2_w48` (`--config.model.pretrained=hrnetv2_w48-d2186c55.pth`;
+timm's hrnet_w48 holds the same release).
 Expected (single-scale val mIoU), baseline: MMSegmentation 78.48 (40k), 79.93 (80k), 80.65
 (160k). With PNE: the paper's figure; ours once measured.
 """

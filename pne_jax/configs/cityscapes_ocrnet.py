@@ -4,7 +4,9 @@
     pne-jax train --config=cityscapes_ocrnet:80k     # or :160k
     pne-jax train --config=cityscapes_ocrnet --config.pne.enabled=False  # baseline
 
-Hardware: one host with 8 GPUs/TPU cores. Backbone: `pne-jax convert --arch=hrnet_w48 ...`.
+Hardware: one host with 8 GPUs/TPU cores. Initialisation that reproduces the
+paper: `open-mmlab://msra/hrnetv2_w48` (`--config.model.pretrained=hrnetv2_w48-d2186c55.pth`;
+timm's hrnet_w48 holds the same release).
 Expected (single-scale val mIoU), baseline: MMSegmentation 80.58 (40k), 80.70 (80k), 81.35
 (160k). With PNE: the paper's figure; ours once measured.
 """

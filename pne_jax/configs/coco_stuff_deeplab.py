@@ -5,7 +5,8 @@
     pne-jax train --config=coco_stuff_deeplab --config.pne.enabled=False
 
 Trains on `train` (118k), evaluates on `validation` (5k). Hardware: one host with 8 GPUs/TPU
-cores. Backbone: `--arch=resnet101c`. Expected: MMSegmentation's COCO-Stuff-164k model zoo
+cores. Initialisation that reproduces the paper: MMCV's `open-mmlab://resnet101_v1c`
+(`--config.model.pretrained=resnet101_v1c-e67eebb6.pth`). Expected: MMSegmentation's model zoo
 (configs/deeplabv3) for the baseline, the paper's figure with PNE; ours once measured.
 """
 

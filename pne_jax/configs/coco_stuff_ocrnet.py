@@ -4,8 +4,9 @@
     pne-jax train --config=coco_stuff_ocrnet --config.pne.enabled=False
 
 Trains on `train`, evaluates on `validation`. Hardware: one host with 8 GPUs/TPU cores.
-Backbone: `--arch=hrnet_w48`. Expected: the paper's figures for baseline and PNE; ours once
-measured.
+Initialisation that reproduces the paper: `open-mmlab://msra/hrnetv2_w48`
+(`--config.model.pretrained=hrnetv2_w48-d2186c55.pth`). Expected: the paper's figures for
+baseline and PNE; ours once measured.
 """
 
 import ml_collections

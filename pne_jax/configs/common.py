@@ -177,6 +177,7 @@ def model(
         decode_head=decode_head,
         num_classes=num_classes,
         pretrained=placeholder(str),
+        init_from=placeholder(str),
         dtype="float32",
         projection=dict(enabled=True, hidden=512, out=256, feature="decode"),
     )

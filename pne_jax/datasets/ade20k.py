@@ -50,5 +50,12 @@ class Ade20kSemseg(SemSegBuilder):
         for split, folder in FOLDERS.items():
             images = {f.stem: f for f in tree.files(f"images/{folder}", ".jpg")}
             labels = {f.stem: f for f in tree.files(f"annotations/{folder}", ".png")}
-            items[split] = match_pairs(split, images, labels)
+            items[split] = match_pairs(
+                self.name,
+                split,
+                images,
+                labels,
+                label_path=lambda k, f=folder: tree.where(f"annotations/{f}/{k}.png"),
+                image_path=lambda k, f=folder: tree.where(f"images/{f}/{k}.jpg"),
+            )
         return items

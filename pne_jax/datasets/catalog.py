@@ -13,6 +13,7 @@ from typing import Any
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from pne_jax.datasets import hide_accelerators_from_tf
 from pne_jax.datasets.ade20k import Ade20kSemseg
@@ -83,6 +84,9 @@ def load_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemS
             f"{builder.name} is not prepared: {builder.data_path} {state}. "
             f"Prepare it with: {prepare_command(builder)}"
         )
+    problem = builder.prepared_size_problem()
+    if problem:  # a subset prepared on purpose is fine to read, but say so
+        logging.warning("%s; reading it as it is", problem)
     return builder
 
 
@@ -120,4 +124,22 @@ def tf_dataset(
         return record
 
     features = builder.info.features
-    return indices.map(read).map(features.deserialize_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def parse(record: tf.Tensor) -> dict[str, tf.Tensor]:
+        return features.deserialize_example(record, decoders={"image": _decode_image()})
+
+    return indices.map(read).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@tfds.decode.make_decoder()
+def _decode_image(data: tf.Tensor, feature: tfds.features.Image) -> tf.Tensor:
+    """uint8 [H, W, 3] from JPEG or PNG bytes, pixel for pixel as PIL (and `data_source`)
+    decodes them: TensorFlow's default JPEG IDCT is the fast, inexact one (off by up to 4)."""
+    del feature
+    image = tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(data, channels=3),
+    )
+    image.set_shape((None, None, 3))
+    return image

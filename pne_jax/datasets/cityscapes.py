@@ -3,6 +3,7 @@
 Reads `leftImg8bit_trainvaltest.zip` and `gtFine_trainvaltest.zip` from the manual dir (or
 their extracted `leftImg8bit/` and `gtFine/` folders), maps `*_gtFine_labelIds.png` to the 19
 train ids with the official table (`pne_jax.datasets.labels`), and stores the source PNGs unchanged.
+Files that cityscapesScripts adds beside them (`*_gtFine_labelTrainIds.png`, ...) are not read.
 The test split has no public labels: its labels are all 255.
 """
 
@@ -54,5 +55,12 @@ class CityscapesSemseg(SemSegBuilder):
             labels = {
                 f.path[: -len(LABEL_SUFFIX)]: f for f in labels_tree.files(folder, LABEL_SUFFIX)
             }
-            items[split] = match_pairs(split, images, labels)
+            items[split] = match_pairs(
+                self.name,
+                split,
+                images,
+                labels,
+                label_path=lambda k: labels_tree.where(k + LABEL_SUFFIX),
+                image_path=lambda k: images_tree.where(k + IMAGE_SUFFIX),
+            )
         return items

@@ -5,15 +5,26 @@ dir (or extracted copies: `train2017/`, `val2017/` or MMSegmentation's `images/t
 `stuffthingmaps_trainval2017/`, `annotations/` or the manual dir itself for the maps), stores
 the source JPEGs unchanged and maps the 182 raw ids to 171 classes as MMSegmentation's
 converter does (`pne_jax.datasets.labels`). Train on `train`, evaluate on `validation`.
+
+After MMSegmentation's `tools/dataset_converters/coco_stuff164k.py`, `annotations/<split>/`
+also holds `<id>_labelTrainIds.png` (the same 171 train ids, already mapped) beside each raw
+`<id>.png`, or only those with `-o OUT_DIR`. The raw map is read where there is one: our
+table then also rejects ids that COCO never uses, which the converter passes through
+unchanged (as valid-looking train ids); a `_labelTrainIds` map is read where it is the only one.
+Either way the labels are the same.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pne_jax.datasets.labels import COCO_STUFF164K, COCO_STUFF_RAW_TO_TRAIN_ID
-from pne_jax.datasets.manual import Archive
-from pne_jax.datasets.semseg import SemSegBuilder, match_pairs
+from pne_jax.datasets.labels import (
+    COCO_STUFF164K,
+    COCO_STUFF_RAW_TO_TRAIN_ID,
+    COCO_STUFF_TRAIN_IDS,
+)
+from pne_jax.datasets.manual import Archive, ArchiveTree, SourceFile
+from pne_jax.datasets.semseg import Example, SemSegBuilder, load_pair, match_pairs
 
 # tfds split -> COCO folder name (in the image zip and in the stuffthingmaps zip).
 FOLDERS = {"train": "train2017", "validation": "val2017"}
@@ -39,6 +50,21 @@ Download train2017.zip (18 GB) and val2017.zip (778 MB) from https://cocodataset
 (http://images.cocodataset.org/zips/train2017.zip, .../val2017.zip) and
 stuffthingmaps_trainval2017.zip (659 MB) from https://github.com/nightrome/cocostuff
 ("Downloads": stuffthingmaps_trainval2017.zip, hosted at calvin.inf.ed.ac.uk)."""
+# MMSegmentation's converter writes `<id>` + this, holding train ids, beside the raw `<id>.png`.
+TRAIN_IDS_SUFFIX = "_labelTrainIds.png"
+
+
+def label_files(maps: ArchiveTree, folder: str) -> dict[str, SourceFile]:
+    """Image stem -> its label map in `folder`: the raw map, or the converter's
+    `*_labelTrainIds.png` where that is the only one."""
+    raw: dict[str, SourceFile] = {}
+    converted: dict[str, SourceFile] = {}
+    for f in maps.files(folder, ".png"):
+        if f.name.endswith(TRAIN_IDS_SUFFIX):
+            converted[f.name[: -len(TRAIN_IDS_SUFFIX)]] = f
+        else:
+            raw[f.stem] = f
+    return {**converted, **raw}
 
 
 class CocoStuff164kSemseg(SemSegBuilder):
@@ -59,6 +85,19 @@ class CocoStuff164kSemseg(SemSegBuilder):
         items: dict[str, list[Any]] = {}
         for (split, folder), tree in zip(FOLDERS.items(), (train_images, val_images), strict=True):
             images = {f.stem: f for f in tree.files("", ".jpg")}
-            labels = {f.stem: f for f in maps.files(folder, ".png")}
-            items[split] = match_pairs(split, images, labels)
+            items[split] = match_pairs(
+                self.name,
+                split,
+                images,
+                label_files(maps, folder),
+                label_path=lambda k, f=folder: (
+                    f"{maps.where(f'{f}/{k}.png')} (or {k}{TRAIN_IDS_SUFFIX})"
+                ),
+                image_path=lambda k, t=tree: t.where(f"{k}.jpg"),
+            )
         return items
+
+    def load_item(self, item: tuple[SourceFile, SourceFile]) -> Example:
+        image, label = item
+        converted = label.name.endswith(TRAIN_IDS_SUFFIX)
+        return load_pair(image, label, COCO_STUFF_TRAIN_IDS if converted else self.MAPPING)

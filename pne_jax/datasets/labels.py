@@ -278,6 +278,11 @@ COCO_STUFF_RAW_TO_TRAIN_ID = LabelMapping(
     _coco_stuff_table(),
     "COCO-Stuff-164k raw id -> train id (MMSegmentation coco_stuff164k.py clsID_to_trID)",
 )
+# What MMSegmentation's converter writes (`*_labelTrainIds.png`): the train ids themselves.
+COCO_STUFF_TRAIN_IDS = LabelMapping(
+    {**{k: k for k in range(171)}, IGNORE_INDEX: IGNORE_INDEX},
+    "COCO-Stuff-164k train ids 0..170 and 255 (MMSegmentation's *_labelTrainIds.png)",
+)
 
 
 def check_tables(metas: Sequence[DatasetMeta] = (CITYSCAPES, ADE20K, COCO_STUFF164K)) -> None:
@@ -290,6 +295,7 @@ def check_tables(metas: Sequence[DatasetMeta] = (CITYSCAPES, ADE20K, COCO_STUFF1
         (CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES),
         (ADE20K_REDUCE_ZERO_LABEL, ADE20K),
         (COCO_STUFF_RAW_TO_TRAIN_ID, COCO_STUFF164K),
+        (COCO_STUFF_TRAIN_IDS, COCO_STUFF164K),
     ):
         train_ids = set(mapping.as_dict().values()) - {IGNORE_INDEX}
         if train_ids != set(range(meta.num_classes)):

@@ -36,11 +36,20 @@ def prepare(
     manual_dir: where the downloaded archives are (default `<data_dir>/downloads/manual`).
     options: see `catalog.make_builder` (synthetic sizes and seed; expected_split_sizes).
     Raises `MissingManualFilesError`, `BadSourceFileError` or `SplitSizeError` (each naming
-    the file, folder or counts) without leaving anything that looks prepared.
+    the file, folder or counts) without leaving anything that looks prepared; also
+    `SplitSizeError` when the data already prepared there has other split sizes than expected
+    (a subset prepared with expected_split_sizes=None, checked by a later default run).
     """
     builder = make_builder(name, data_dir, **options)
     exists = builder.data_path.exists()
     if exists and builder.is_prepared():
+        problem = builder.prepared_size_problem()
+        if problem:
+            raise SplitSizeError(
+                f"{problem}. To use it as it is, pass --nocheck_split_sizes (Python: "
+                f"expected_split_sizes=None); to prepare the full dataset, delete "
+                f"{builder.data_path} and prepare again."
+            )
         print(f"{builder.name}: already prepared at {builder.data_path}; nothing to do.")
         return builder
     if exists:

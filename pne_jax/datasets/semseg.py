@@ -12,7 +12,7 @@ import collections
 import concurrent.futures
 import io
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -133,23 +133,48 @@ def load_pair(image: SourceFile, label: SourceFile | None, mapping: LabelMapping
 
 
 def match_pairs(
+    dataset: str,
     split: str,
     images: Mapping[str, SourceFile],
     labels: Mapping[str, SourceFile],
+    *,
+    label_path: Callable[[str], str],
+    image_path: Callable[[str], str],
 ) -> list[tuple[SourceFile, SourceFile]]:
-    """Pairs images and labels by key (sorted); every image needs a label and vice versa."""
+    """Pairs images and labels by key (sorted); every image needs a label and vice versa.
+
+    label_path / image_path: key -> where its label / image should be, for the error (one
+    line, naming the dataset, the split and the expected file of each of the first three).
+    """
     problems = []
     no_label = sorted(set(images) - set(labels))
     no_image = sorted(set(labels) - set(images))
     if no_label:
-        shown = ", ".join(str(images[k]) for k in no_label[:3])
-        problems.append(f"{len(no_label)} image(s) without a label, e.g. {shown}")
+        problems.append(
+            f"{len(no_label)} image(s) without a label: "
+            + _examples(no_label, lambda k: f"{images[k]} needs {label_path(k)}")
+        )
     if no_image:
-        shown = ", ".join(str(labels[k]) for k in no_image[:3])
-        problems.append(f"{len(no_image)} label(s) without an image, e.g. {shown}")
+        problems.append(
+            f"{len(no_image)} label(s) without an image: "
+            + _examples(no_image, lambda k: f"{labels[k]} needs {image_path(k)}")
+        )
     if problems:
-        raise BadSourceFileError(f"split {split!r}: " + "; ".join(problems))
+        raise BadSourceFileError(
+            f"{dataset}, split {split!r}: "
+            + "; ".join(problems)
+            + ". The download or its extraction may be incomplete: add the missing files."
+        )
     return [(images[k], labels[k]) for k in sorted(images)]
+
+
+def _examples(keys: Sequence[str], describe: Callable[[str], str], shown: int = 3) -> str:
+    more = f" (and {len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(describe(k) for k in keys[:shown]) + more
+
+
+def _sizes(sizes: Mapping[str, int]) -> str:
+    return ", ".join(f"{s} {n}" for s, n in sizes.items())
 
 
 class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -195,6 +220,7 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description=self.DESCRIPTION,
             features=semseg_features(self.IMAGE_FORMAT),
             homepage=self.HOMEPAGE,
+            metadata=tfds.core.MetadataDict(),
             # Written in source order, so that index i is the i-th sorted source file.
             disable_shuffling=True,
         )
@@ -251,10 +277,35 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "expected_split_sizes={...} (or None, --nocheck_split_sizes on the command line)."
             )
 
+    def prepared_size_problem(self) -> str | None:
+        """Why the prepared splits are not the expected ones (a subset, prepared without the
+        check or with other sizes), or None: they are, or nothing is expected. One line."""
+        expected = self.expected_split_sizes
+        found = {s: i.num_examples for s, i in self.info.splits.items()}
+        if expected is None or found == dict(expected):
+            return None
+        # Recorded at preparation (absent from data prepared before it was recorded).
+        recorded = self.info.metadata or {}
+        how = ""
+        if "expected_split_sizes" in recorded:
+            checked = recorded["expected_split_sizes"]
+            how = (
+                ": a subset, prepared without the split-size check (--nocheck_split_sizes)"
+                if checked is None
+                else f" (prepared expecting {_sizes(checked)})"
+            )
+        return (
+            f"{self.name}: the data prepared at {self.data_path} has {_sizes(found)}, not the "
+            f"expected {_sizes(expected)}{how}"
+        )
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir) if self.MANUAL_DOWNLOAD_INSTRUCTIONS else None
         items = self.list_items(manual_dir)
         self.check_split_sizes({s: len(v) for s, v in items.items()}, manual_dir or "generator")
+        # Written to metadata.json, so that a later run with other expectations can say so.
+        expected = self.expected_split_sizes
+        self.info.metadata["expected_split_sizes"] = None if expected is None else dict(expected)
         return {split: self._generate_examples(split, v) for split, v in items.items()}
 
     def _generate_examples(self, split: str, items: Sequence[Any]) -> Iterator[tuple[int, Example]]:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from pne_jax.models.backbones import hrnet, resnet, swin
 from pne_jax.models.heads import ASPPHead, FCNHead, OCRHead, ProjectionHead, UPerHead
+from pne_jax.models.layers import BN_MOMENTUM
 from pne_jax.models.segmentor import Segmentor, check_projection_feature
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -41,6 +42,7 @@ MODEL_KEYS = (
     "output_stride",
     "drop_path_rate",
     "pretrained",
+    "init_from",
     "decode_head",
     "num_classes",
     "channels",
@@ -104,6 +106,8 @@ def _aux_head(cfg, hrnet_like: bool, channels: tuple[int, ...], dtype) -> nn.Mod
     kwargs |= options
     if isinstance(kwargs["in_index"], list):
         kwargs["in_index"] = tuple(kwargs["in_index"])
+    if cfg.decode_head == "ocr":  # MMSegmentation runs the cascade's first stage twice
+        kwargs["bn_momentum"] = BN_MOMENTUM**2
     return FCNHead(cfg.num_classes, dtype=dtype, **kwargs)
 
 
@@ -167,7 +171,8 @@ def build_model(config: Mapping[str, Any]) -> Segmentor:
     MMSegmentation's default for that head on that backbone:
 
     - `output_stride` (ResNet: 8 | 16 | 32, default 8); `drop_path_rate` (Swin, default 0.3);
-      `pretrained` (a converted checkpoint, read by `pne_jax.pretrained`, ignored here);
+      `pretrained` (ImageNet backbone weights) and `init_from` (a whole trained model),
+      files read by `pne_jax.pretrained` at start-up, ignored here;
     - `channels` (decode head width: 512; FCN on HRNetV2: the sum of branch widths),
       `dropout` (before the classifier: 0.1; HRNetV2 FCN/OCR: none), `in_index` (which
       backbone maps the head reads: an int, or a tuple to resize-concat);

@@ -2,8 +2,9 @@
 
 All modules are channels-last (NHWC) and mirror PyTorch/MMSegmentation semantics so that
 converted weights give the same numbers: explicit symmetric padding (not 'SAME', which
-pads strided convolutions asymmetrically), BatchNorm with PyTorch's momentum 0.1 and
-epsilon 1e-5, bilinear resizing with half-pixel centres (`align_corners=False`).
+pads strided convolutions asymmetrically), BatchNorm as PyTorch's (momentum 0.1, epsilon
+1e-5, running variance updated with the unbiased batch variance), bilinear resizing with
+half-pixel centres (`align_corners=False`).
 
 Under `jax.jit` with the batch sharded over devices, BatchNorm's batch statistics are
 already reduced over the global batch (the equivalent of SyncBN): no `axis_name`.
@@ -24,16 +25,59 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def batch_norm(train: bool, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with PyTorch's defaults; float32 parameters and statistics."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+class BatchNorm(nn.Module):
+    """BatchNorm over all axes but the last, with PyTorch's `BatchNorm2d` semantics.
+
+    Flax's `nn.BatchNorm` updates the running variance with the biased batch variance;
+    PyTorch (and SyncBN, hence MMSegmentation) normalise with the biased one but keep the
+    unbiased one, n / (n - 1) larger: it matters where a channel sees few values, as the
+    1x1 maps of ASPP's image pool (n = batch size). Variables as Flax's: params
+    `scale`, `bias`; batch_stats `mean`, `var`. Statistics are float32 over the global
+    batch (the whole array under `jax.jit`, so SyncBN when the batch is sharded); the
+    running statistics do not change during `init`.
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            # E[x^2] - E[x]^2 in one fusion (as Flax), clipped at 0 against round-off.
+            var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * unbiased
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        return ((x - mean) * mul + bias).astype(self.dtype)
+
+
+def batch_norm(
+    train: bool,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    momentum: float = BN_MOMENTUM,
+) -> BatchNorm:
+    """PyTorch-style BatchNorm (`BatchNorm`); float32 parameters and statistics.
+
+    `momentum` is the weight of the old running statistics (PyTorch's 1 - momentum).
+    """
+    return BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype, name=name)
 
 
 def conv(
@@ -64,7 +108,7 @@ def conv(
 class ConvBNAct(nn.Module):
     """Conv (no bias) + BatchNorm + optional ReLU: MMCV's `ConvModule` with BN and ReLU.
 
-    Parameters live under `conv` and `bn`.
+    Parameters live under `conv` and `bn`; `bn_momentum` as `batch_norm`'s `momentum`.
     """
 
     features: int
@@ -72,6 +116,7 @@ class ConvBNAct(nn.Module):
     stride: int = 1
     dilation: int = 1
     act: bool = True
+    bn_momentum: float = BN_MOMENTUM
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -84,7 +129,7 @@ class ConvBNAct(nn.Module):
             dtype=self.dtype,
             name="conv",
         )(x)
-        x = batch_norm(train, self.dtype, name="bn")(x)
+        x = batch_norm(train, self.dtype, name="bn", momentum=self.bn_momentum)(x)
         return nn.relu(x) if self.act else x
 
 

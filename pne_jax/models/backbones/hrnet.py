@@ -1,7 +1,7 @@
 """HRNetV2 (W18, W48): parallel multi-resolution branches with repeated fusion.
 
 MMSegmentation's `HRNet` backbone as used by FCN-HRNetV2 and OCRNet, which has the same
-structure as timm's `hrnet_w18`/`hrnet_w48`:
+structure and weights as timm's `hrnet_w18`/`hrnet_w48` (not the same fusion):
 
 - stem: two stride-2 3x3 convs (64 channels), then `layer1`, four bottlenecks (256 out);
 - `transition{1,2,3}` open a new branch at half the resolution (strided 3x3 conv) and
@@ -9,9 +9,11 @@ structure as timm's `hrnet_w18`/`hrnet_w48`:
 - `stage{2,3,4}` are 1, 4 and 3 HR modules of 2, 3 and 4 branches (w, 2w, 4w, 8w
   channels at strides 4, 8, 16, 32), each branch four basic blocks, followed by a fusion
   that gives every branch the sum of all branches: coarser ones through 1x1 conv + BN +
-  nearest upsampling by 2^k (then a bilinear resize onto the finer branch, which only
-  matters for sizes not divisible by 32: any input size works, as in MMSegmentation),
-  finer ones through k strided 3x3 conv + BN (ReLU between).
+  bilinear upsampling by 2^k (half-pixel centres, `align_corners=False`), then a bilinear
+  resize onto the finer branch, which only matters for sizes not divisible by 32 (any
+  input size works); finer ones through k strided 3x3 conv + BN (ReLU between). That is
+  MMSegmentation's fusion (tests/test_mmseg_parity.py); timm and HRNet's classification
+  code upsample by repeating pixels, `fuse_upsample="nearest"` (tests/test_hrnet.py).
 
 Module names mirror timm's (`stage2.0.branches.1.0.conv1` -> `stage2_0/branches_1_0/conv1`,
 `stage3.0.fuse_layers.2.0.1.0` -> `stage3_0/fuse_layers_2_0_1_0`), so converted weights
@@ -65,19 +67,26 @@ class BasicBlock(nn.Module):
         return nn.relu(out + x)
 
 
-def _upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
-    """`nn.Upsample(scale_factor=factor, mode='nearest')` on NHWC: repeat every pixel."""
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+FUSE_UPSAMPLING = ("bilinear", "nearest")
+
+
+def _upsample(x: jax.Array, factor: int, method: str) -> jax.Array:
+    """`nn.Upsample(scale_factor=factor, mode=method)` on NHWC ('nearest' repeats pixels)."""
+    if method == "nearest":
+        return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+    return resize(x, (x.shape[1] * factor, x.shape[2] * factor))
 
 
 class HRModule(nn.Module):
     """Parallel branches of basic blocks, then the all-to-all multi-resolution fusion.
 
     Branch i has `channels[i]` channels at half the resolution of branch i - 1.
+    `fuse_upsample` is how coarser branches are upsampled: 'bilinear' or 'nearest'.
     """
 
     channels: tuple[int, ...]
     num_blocks: int = BRANCH_BLOCKS
+    fuse_upsample: str = "bilinear"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -95,7 +104,7 @@ class HRModule(nn.Module):
                 name = f"fuse_layers_{i}_{j}"
                 if j > i:  # coarser: 1x1 conv to branch i's width, BN, upsample by 2^(j - i)
                     x = conv(width, 1, dtype=self.dtype, name=f"{name}_0")(x)
-                    x = _upsample_nearest(bn(name=f"{name}_1")(x), 2 ** (j - i))
+                    x = _upsample(bn(name=f"{name}_1")(x), 2 ** (j - i), self.fuse_upsample)
                     # Sizes not divisible by 32 overshoot by a pixel or so: resize onto the
                     # finer branch as MMSegmentation does (a no-op when they already match).
                     x = resize(x, y.shape[1:3])
@@ -120,13 +129,22 @@ class HRModule(nn.Module):
 
 class HRNet(nn.Module):
     """HRNetV2 backbone: returns stage 4's branches (w, 2w, 4w, 8w channels at strides
-    4, 8, 16, 32), finest first, in `dtype` (parameters stay float32)."""
+    4, 8, 16, 32), finest first, in `dtype` (parameters stay float32).
+
+    `fuse_upsample`: 'bilinear' (MMSegmentation's segmentation HRNet, the default) or
+    'nearest' (timm's and HRNet-classification's).
+    """
 
     width: int = 18
+    fuse_upsample: str = "bilinear"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        if self.fuse_upsample not in FUSE_UPSAMPLING:
+            raise ValueError(
+                f"fuse_upsample must be one of {FUSE_UPSAMPLING}, got {self.fuse_upsample!r}"
+            )
         bn = functools.partial(batch_norm, train, self.dtype)
         x = x.astype(self.dtype)
         x = conv(STEM_WIDTH, 3, stride=2, dtype=self.dtype, name="conv1")(x)
@@ -143,7 +161,12 @@ class HRNet(nn.Module):
             channels = tuple(self.width * 2**i for i in range(stage))
             xs = self._transition(xs, previous, channels, f"transition{stage - 1}", train)
             for m in range(num_modules):
-                xs = HRModule(channels, dtype=self.dtype, name=f"stage{stage}_{m}")(xs, train)
+                xs = HRModule(
+                    channels,
+                    fuse_upsample=self.fuse_upsample,
+                    dtype=self.dtype,
+                    name=f"stage{stage}_{m}",
+                )(xs, train)
             previous = channels
         return xs
 

@@ -11,6 +11,11 @@ Three uses in the paper's models:
 - the auxiliary head on stage 3 of ResNet/Swin: `in_index=2`, one 3x3 layer of 256
   channels, no concat, dropout 0.1 (loss weight 0.4 in MMSegmentation);
 - FCN on ResNet-D8 (MMSegmentation's default): two 3x3 layers of 512, concat, dropout 0.1.
+
+`bn_momentum` (the weight of the old running statistics) is 0.9 as PyTorch's, except in
+OCRNet's first stage: MMSegmentation's `CascadeEncoderDecoder` runs that head twice per
+training step on the same batch, so its running statistics move as with 0.9^2 = 0.81
+(`models.build_model` sets it; tests/test_mmseg_parity.py checks a training step).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pne_jax.models.heads.decode_head import Classifier, InIndex, select_inputs
-from pne_jax.models.layers import ConvBNAct, Dtype
+from pne_jax.models.layers import BN_MOMENTUM, ConvBNAct, Dtype
 
 
 class FCNHead(nn.Module):
@@ -39,6 +44,7 @@ class FCNHead(nn.Module):
     concat_input: bool = True
     dropout: float = 0.1
     in_index: InIndex = -1
+    bn_momentum: float = BN_MOMENTUM
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -57,12 +63,17 @@ class FCNHead(nn.Module):
                 self.channels,
                 self.kernel_size,
                 dilation=self.dilation,
+                bn_momentum=self.bn_momentum,
                 dtype=self.dtype,
                 name=f"convs_{i}",
             )(feats, train)
         if self.concat_input:
-            feats = ConvBNAct(self.channels, self.kernel_size, dtype=self.dtype, name="conv_cat")(
-                jnp.concatenate([x, feats], axis=-1), train
-            )
+            feats = ConvBNAct(
+                self.channels,
+                self.kernel_size,
+                bn_momentum=self.bn_momentum,
+                dtype=self.dtype,
+                name="conv_cat",
+            )(jnp.concatenate([x, feats], axis=-1), train)
         logits = Classifier(self.num_classes, self.dropout, name="cls")(feats, train)
         return logits, feats
