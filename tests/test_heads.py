@@ -250,14 +250,23 @@ def test_heads_under_batch_sharding_match_the_unsharded_batch():
             assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1.0), name
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 5), (2, 3, 4, 6)])
-def test_batch_norm_is_pytorchs(shape):
+@pytest.mark.parametrize(
+    ("shape", "mean", "std", "rtol"),
+    [
+        ((8, 1, 1, 5), 2.0, 3.0, 1e-5),
+        ((2, 3, 4, 6), 2.0, 3.0, 1e-5),
+        ((8, 1, 1, 5), 300, 0.5, 2e-4),
+    ],
+)
+def test_batch_norm_is_pytorchs(shape, mean, std, rtol):
     """Training: normalised with the biased batch variance, running variance updated with
     the unbiased one (PyTorch's BatchNorm2d; ASPP's 1x1 image-pool map at batch 8 is the
-    first shape); evaluation: the running statistics. float64 NumPy reference."""
+    first shape); evaluation: the running statistics. float64 NumPy reference. In the last
+    case (mean 600 spreads) E[x^2] - E[x]^2 in float32 is 2% off the variance: few values
+    per channel get two passes (float32's own rounding of the mean is what remains)."""
     from pne_jax.models.layers import batch_norm
 
-    x = np.random.default_rng(0).normal(2.0, 3.0, shape).astype(np.float32)
+    x = np.random.default_rng(0).normal(mean, std, shape).astype(np.float32)
     layer = batch_norm(train=True, name="bn")
     initial = layer.init(jax.random.key(0), x)["batch_stats"]  # init leaves them alone
     np.testing.assert_array_equal(initial["var"], np.ones(shape[-1]))
@@ -269,10 +278,11 @@ def test_batch_norm_is_pytorchs(shape):
     mean, var = x64.mean(0), x64.var(0)
     n = x64.shape[0]
     want = (x64 - mean) / np.sqrt(var + BN_EPSILON) * params["scale"] + params["bias"]
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, shape[-1]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, shape[-1]), want, rtol=rtol, atol=rtol)
     new = updates["batch_stats"]
     np.testing.assert_allclose(new["mean"], 0.9 * stats["mean"] + 0.1 * mean, rtol=1e-5)
-    np.testing.assert_allclose(new["var"], 0.9 * stats["var"] + 0.1 * var * n / (n - 1), rtol=1e-5)
+    ra_var = 0.9 * stats["var"] + 0.1 * var * n / (n - 1)
+    np.testing.assert_allclose(new["var"], ra_var, rtol=rtol)
     evaluated = batch_norm(train=False).apply(v, x)
     want = (x - stats["mean"]) / np.sqrt(stats["var"] + BN_EPSILON) * params["scale"]
     np.testing.assert_allclose(evaluated, want + params["bias"], rtol=1e-5, atol=1e-5)

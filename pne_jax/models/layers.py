@@ -23,6 +23,11 @@ Dtype = Any
 # PyTorch BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch, eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+# Up to this many values per channel (ASPP's image pool: the batch size; pooled maps, OCR's
+# class centres), BatchNorm computes the variance in two passes: E[x^2] - E[x]^2 loses
+# digits when the mean is large against the spread, and a second pass over so few values
+# costs nothing. Larger maps keep the one-pass form (one fusion, as Flax).
+TWO_PASS_VARIANCE_MAX = 4096
 
 
 class BatchNorm(nn.Module):
@@ -33,7 +38,8 @@ class BatchNorm(nn.Module):
     unbiased one, n / (n - 1) larger: it matters where a channel sees few values, as the
     1x1 maps of ASPP's image pool (n = batch size). Variables as Flax's: params
     `scale`, `bias`; batch_stats `mean`, `var`. Statistics are float32 over the global
-    batch (the whole array under `jax.jit`, so SyncBN when the batch is sharded); the
+    batch (the whole array under `jax.jit`, so SyncBN when the batch is sharded), the
+    variance in two passes where a channel has few values (`TWO_PASS_VARIANCE_MAX`); the
     running statistics do not change during `init`.
     """
 
@@ -55,10 +61,12 @@ class BatchNorm(nn.Module):
             axes = tuple(range(x.ndim - 1))
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axes)
-            # E[x^2] - E[x]^2 in one fusion (as Flax), clipped at 0 against round-off.
-            var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+            n = x.size // features
+            if n <= TWO_PASS_VARIANCE_MAX:
+                var = jnp.mean(jnp.square(xf - mean), axes)
+            else:  # E[x^2] - E[x]^2 in one fusion (as Flax), clipped at 0 against round-off
+                var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
             if not self.is_initializing():
-                n = x.size // features
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean
