@@ -20,12 +20,11 @@ them, and `pretrained.match_state_dict` does the rest (layouts, checks).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -176,12 +175,6 @@ def describe(state_dict: Mapping[str, Any]) -> str:
     return ", ".join(found) or "no MMSegmentation model"
 
 
-def _abstract_model_variables(model) -> dict:
-    image = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
-    return traverse_util.flatten_dict(shapes)
-
-
 def convert_model(
     model_config: Mapping[str, Any], state_dict: Mapping[str, Any]
 ) -> tuple[dict, list[str]]:
@@ -193,7 +186,7 @@ def convert_model(
     the checkpoint looks like and, for another class count, the setting to change.
     """
     model = build_model(model_config)
-    target = _abstract_model_variables(model)
+    target = pretrained._abstract_variables(model)
     backbone = model_config["backbone"]
     parts = {"backbone.": ("backbone", None), **_parts(model_config)}
     converted: dict = {}
@@ -219,9 +212,9 @@ def convert_model(
             unexpected += [prefix + k for k in routed[prefix]]
             continue
         if head is None:
-            spec = backbone_keymap(backbone)
+            # A whole model has every backbone variable: none may stay fresh.
+            spec = dataclasses.replace(backbone_keymap(backbone), fresh=())
             sub_state = prepare_backbone(backbone, routed[prefix])
-            spec = pretrained.KeyMap(spec.backbone, spec.renames, spec.ignore, (), spec.transforms)
         else:
             spec = pretrained.KeyMap(renames=HEAD_RENAMES[head], ignore=_MODEL_IGNORE)
             sub_state = routed[prefix]
