@@ -28,6 +28,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from pne_jax import augment, input_pipeline
+from pne_jax.configs import common
 
 
 def fake_example(rng: np.random.Generator, h: int = 1024, w: int = 2048):
@@ -124,7 +125,7 @@ def main(argv=None):
     start = time.thread_time()  # CPU time: robust to other load on the machine
     decoded = [source[i] for i in range(len(source))]
     decode_ms = (time.thread_time() - start) / len(source) * 1e3
-    aug = augment.TrainAugment()
+    aug = input_pipeline.train_augment(ml_collections.ConfigDict({"data": common.cityscapes()}))
     start = time.thread_time()
     for i, ex in enumerate(decoded * 2):
         augment.train_transform(np.random.default_rng(i), ex["image"], ex["label"], aug)

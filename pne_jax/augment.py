@@ -41,20 +41,28 @@ Size = tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
-    """Options of the training chain; the defaults are MMSegmentation's Cityscapes recipe.
+    """Options of the training chain. The config-backed fields are required: their values
+    live in one place, `pne_jax.configs.common.data` (MMSegmentation's recipe), and
+    `input_pipeline.train_augment(config)` builds this from `config.data`.
 
     base_size: MMSegmentation's `scale` (long and short edge, in either order); an image is
         rescaled to fit `base_size * ratio` keeping its aspect ratio.
     crop_size: (height, width) of the output; smaller rescaled images are padded to it.
+    ratio_range: (low, high) of the uniform rescale ratio.
+    cat_max_ratio: RandomCrop's largest share of one class in a crop (1: no retries).
+    flip_prob: probability of a horizontal flip.
+    photometric: whether PhotoMetricDistortion runs.
+    ignore_index: the label of unlabelled pixels, also used for label padding.
+    mean, std: the normalisation (ImageNet's, RGB, 0-255 scale).
     """
 
-    base_size: Size = (2048, 1024)
-    crop_size: Size = (512, 1024)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
-    photometric: bool = True
-    ignore_index: int = IGNORE_INDEX
+    base_size: Size
+    crop_size: Size
+    ratio_range: tuple[float, float]
+    cat_max_ratio: float
+    flip_prob: float
+    photometric: bool
+    ignore_index: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -149,7 +157,9 @@ def rescale(image: np.ndarray, label: np.ndarray, size: Size) -> tuple[np.ndarra
     return resize_image(image, size), resize_label(label, size)
 
 
-def crop_is_balanced(label: np.ndarray, cat_max_ratio: float, ignore_index: int = 255) -> bool:
+def crop_is_balanced(
+    label: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX
+) -> bool:
     """MMSegmentation's test: >= 2 classes and none above cat_max_ratio of the labelled pixels."""
     counts = np.bincount(label.ravel(), minlength=256)
     counts[ignore_index] = 0

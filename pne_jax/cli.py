@@ -109,44 +109,61 @@ def _use_distributed(f: flags.FlagValues) -> bool:
 
 
 def run_trainer(mode: str) -> None:
-    """Runs `mode` (train_and_eval, train or eval) with the parsed trainer flags."""
-    from pne_jax import checkpoint, datasets
+    """Runs `mode` (train_and_eval, train or eval) with the parsed trainer flags.
 
-    checkpoint.quiet_orbax_logs()  # the console keeps to the progress report
+    The console shows the run's report (`pne_jax.console`); `<workdir>/run.log` has every
+    record, the config and the traceback of an error, which the console shows in one line.
+    """
+    from pne_jax import console
+
+    f = flags.FLAGS
+    console.setup(None, f.verbosity)
+    from pne_jax import datasets
+
     datasets.hide_accelerators_from_tf()  # TensorFlow only reads data
     import jax
 
-    f = flags.FLAGS
     if _use_distributed(f):
         jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     from ml_collections import config_flags
 
     from pne_jax import train
+    from pne_jax.configs import validation
 
     config = f.config
     workdir = f.workdir or os.path.join(
         "runs", _config_name(config_flags.get_config_filename(f["config"]))
     )
-    if jax.process_index() == 0:
-        print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-        logging.info("config:\n%s", config)
     try:
+        validation.check(config)  # before anything is prepared, built or compiled
+        if mode != "eval":
+            train.make_workdir(workdir)
+        if os.path.isdir(workdir) and os.access(workdir, os.W_OK):
+            name = console.LOG_FILE_NAME  # run.log; other hosts of a pod: run.<i>.log
+            if jax.process_index() > 0:
+                name = name.replace(".log", f".{jax.process_index()}.log")
+            console.setup(os.path.join(workdir, name), f.verbosity)
+        if jax.process_index() == 0:
+            log = console.log_file_path()
+            logging.info("workdir: %s%s", os.path.abspath(workdir), f" (log: {log})" if log else "")
+            logging.info("config:\n%s", config, extra={"file_only": True})
         train.prepare_data(config)
-    except (datasets.NotPreparedError, ValueError) as e:  # unprepared or unknown dataset
-        raise SystemExit(f"error: {e}") from None  # the message says what to run or fix
-    if mode == "eval":
-        try:
+        if mode == "eval":
             train.evaluate_checkpoint(config, workdir)
-        except FileNotFoundError as e:  # no checkpoint there
-            raise SystemExit(f"error: {e}") from None
-        return
-    results = train.train_and_evaluate(
-        config, workdir, evaluate_during_training=mode == "train_and_eval"
-    )
-    if results and jax.process_index() == 0:
+            return
+        results = train.train_and_evaluate(
+            config, workdir, evaluate_during_training=mode == "train_and_eval"
+        )
+    except KeyboardInterrupt:
+        logging.error("interrupted", exc_info=True)
+        raise SystemExit(130) from None
+    except Exception as e:  # one line on the console, the traceback in run.log
+        logging.error("%s", e, exc_info=True)
+        raise SystemExit(1) from None
+    if results and jax.process_index() == 0:  # the command's result: on stdout
         print(
             f"validation mIoU {100 * results['miou']:.2f}  (workdir {workdir}: TensorBoard "
-            "logs, metrics.jsonl, checkpoints/)",
+            "logs, metrics.jsonl, checkpoints/, run.log)",
             flush=True,
         )
 
@@ -162,6 +179,9 @@ def _trainer_main(mode_of: Callable[[], str]) -> Callable[[list[str]], None]:
 
 def main_py(argv: Sequence[str]) -> None:
     """The checkout's `python main.py --config=... [--mode=...]`."""
+    from pne_jax import console
+
+    console.quiet_environment()
     define_trainer_flags(mode_flag=True)
     doc = "train a config and evaluate it (--mode=train_and_eval), only train, or only eval"
     _run(argv, _trainer_main(lambda: flags.FLAGS.mode), [__name__], doc)
@@ -193,7 +213,46 @@ def _run(
         argv = resolve_config_flag(argv)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: --config: {e}") from None
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a `--config.x=y` override of a field the config lacks (or
+    of the wrong type) reported in one line naming it, instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}\nPass --help to see the flags.") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {override_problem(argv) or e}") from None
+
+
+def override_problem(argv: Sequence[str]) -> str | None:
+    """The first `--config.<field>=value` of argv whose field the config does not have,
+    described with the fields it does have."""
+    import difflib
+
+    from pne_jax import configs
+
+    spec = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    config = configs.get_config(spec)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].partition("=")[0].split(".")
+        node, walked = config, []
+        for key in path:
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                block = ".".join(["config", *walked])
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {block}.{close[0]}?)" if close else ""
+                known = f"; {block} has {', '.join(sorted(fields))}" if fields else ""
+                return f"{arg}: {block} has no field {key!r}{hint}{known}"
+            node, walked = node[key], [*walked, key]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -202,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(
             "error: the pne-jax command needs the trainer's packages: pip install 'pne-jax[train]'"
         )
+    from pne_jax import console
+
+    console.quiet_environment()
     argv = list(sys.argv if argv is None else argv)
     program = os.path.basename(argv[0]) if argv else "pne-jax"
     if program in ("__main__.py", "-c"):

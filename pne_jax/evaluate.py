@@ -1,5 +1,9 @@
 """Evaluation: predictions at each label's original resolution, and mIoU over a split.
 
+A run builds one `Evaluator` (its confusion step jitted once) and calls it for each
+evaluation; `evaluate` is the one-off form. The confusion matrix and the count of labels
+outside [0, C) stay on device during a pass; labels outside the classes raise after it.
+
 Test modes follow MMSegmentation 0.13 (`config.eval`, see `pne_jax.configs.common.evaluation`):
 
 - 'whole': the image, resized to the test scale (ratio kept) and padded, goes through the
@@ -34,46 +38,68 @@ image alone; a slide window larger than the image is only cut to the padded size
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from pne_jax import metrics
+from pne_jax.augment import IGNORE_INDEX
 from pne_jax.models.layers import resize
 
 MODES = ("whole", "slide")
 
 
 class EvalOptions(NamedTuple):
-    """Test-time inference settings (the fields of `config.eval` that shape predictions)."""
+    """Test-time inference settings: the fields of `config.eval` that shape predictions.
 
-    mode: str = "whole"
-    crop_size: tuple[int, int] | None = None  # (h, w) of a slide window
-    stride: tuple[int, int] | None = None  # (h, w) between slide windows
-    windows_per_step: int = 1  # slide windows per image run through the model at once
-    scales: tuple[float, ...] = (1.0,)  # ratios of the test scale
-    flip: bool = False  # also predict the horizontal mirror
+    Every value comes from the config (`pne_jax.configs.common.evaluation` holds the
+    defaults); the slide fields are None in whole mode, where nothing reads them.
+    """
+
+    mode: str  # "whole" or "slide"
+    crop_size: tuple[int, int] | None  # (h, w) of a slide window
+    stride: tuple[int, int] | None  # (h, w) between slide windows
+    windows_per_step: int | None  # slide windows per image run through the model at once
+    scales: tuple[float, ...]  # ratios of the test scale
+    flip: bool  # also predict the horizontal mirror
 
 
-def eval_options(eval_config: Mapping[str, Any] | None) -> EvalOptions:
-    """Validated `EvalOptions` from `config.eval` (None: whole mode, one scale, no flip)."""
+# What `eval_config=None` means for library callers (e.g. `predict_batch` without a config):
+# plain inference, the image as it comes, no test-time augmentation.
+WHOLE_ONE_SCALE = EvalOptions("whole", None, None, None, (1.0,), False)
+
+
+def _field(eval_config: Mapping[str, Any], name: str) -> Any:
+    if name not in eval_config:
+        raise ValueError(
+            f"config.eval.{name} is missing; a complete config.eval comes from "
+            "pne_jax.configs.common.evaluation(...)"
+        )
+    return eval_config[name]
+
+
+def eval_options(eval_config: Mapping[str, Any] | EvalOptions | None) -> EvalOptions:
+    """Validated `EvalOptions` from `config.eval` (None: `WHOLE_ONE_SCALE`; an EvalOptions
+    passes through). A missing field is a ValueError naming it."""
     if eval_config is None:
-        return EvalOptions()
-    get = eval_config.get
-    mode = get("mode", "whole") or "whole"
+        return WHOLE_ONE_SCALE
+    if isinstance(eval_config, EvalOptions):
+        return eval_config
+    mode = _field(eval_config, "mode")
     if mode not in MODES:
         raise ValueError(f"config.eval.mode must be one of {MODES}, got {mode!r}")
-    scales = tuple(float(s) for s in (get("scales", None) or (1.0,)))
-    if any(not s > 0 for s in scales):
+    scales = tuple(float(s) for s in _field(eval_config, "scales"))
+    if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"config.eval.scales must be positive ratios, got {scales}")
-    options = EvalOptions(mode=mode, scales=scales, flip=bool(get("flip", False)))
+    flip = bool(_field(eval_config, "flip"))
     if mode == "whole":
-        return options
-    crop, stride = get("crop_size", None), get("stride", None)
+        return EvalOptions(mode, None, None, None, scales, flip)
+    crop, stride = _field(eval_config, "crop_size"), _field(eval_config, "stride")
     if crop is None or stride is None or len(crop) != 2 or len(stride) != 2:
         raise ValueError(
             f"slide mode needs config.eval.crop_size and stride as (h, w), got {crop}, {stride}"
@@ -84,11 +110,10 @@ def eval_options(eval_config: Mapping[str, Any] | None) -> EvalOptions:
         raise ValueError(
             f"config.eval.stride {stride} must be positive and at most crop_size {crop}"
         )
-    per_step = get("windows_per_step", None)
-    per_step = 1 if per_step is None else int(per_step)
-    if per_step < 1:
+    per_step = _field(eval_config, "windows_per_step")
+    if per_step is None or int(per_step) < 1:
         raise ValueError(f"config.eval.windows_per_step must be >= 1, got {per_step}")
-    return options._replace(crop_size=crop, stride=stride, windows_per_step=per_step)
+    return EvalOptions(mode, crop, stride, int(per_step), scales, flip)
 
 
 # --------------------------------------------------------------------------------------
@@ -175,7 +200,7 @@ def slide_logits(
     image_size: jax.Array,
     crop_size: tuple[int, int],
     stride: tuple[int, int],
-    windows_per_step: int = 1,
+    windows_per_step: int,
 ) -> jax.Array:
     """MMSegmentation's slide_inference on padded images [b, H, W, 3] with valid sizes
     `image_size` [b, 2]: float32 logits [b, H, W, C], each pixel of the valid region the
@@ -240,11 +265,11 @@ def predict_batch(
     variables: Any,
     batch: Mapping[str, jax.Array],
     out_shape: tuple[int, int],
-    eval_config: Mapping[str, Any] | None = None,
+    eval_config: Mapping[str, Any] | EvalOptions | None = None,
 ) -> jax.Array:
     """int32 predictions [b, *out_shape] for an evaluation batch (`input_pipeline.eval_dataset`
     format: image, image_size, label_size), each at the top left at its label's original
-    size, inferred as `eval_config` (`config.eval`; None: whole mode) says. Jittable."""
+    size, inferred as `eval_config` (`config.eval`; None: `WHOLE_ONE_SCALE`) says. Jittable."""
     options = eval_options(eval_config)
     out_shape = tuple(int(n) for n in out_shape)
     image, image_size, label_size = batch["image"], batch["image_size"], batch["label_size"]
@@ -272,24 +297,97 @@ def predict_batch(
     return jnp.argmax(probs / len(passes), axis=-1).astype(jnp.int32)
 
 
+def _replicated_like(x: jax.Array) -> jax.sharding.Sharding | None:
+    """The sharding of a total reduced over `x`: replicated over x's mesh (or its device);
+    None for an uncommitted array, whose results stay uncommitted too."""
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    if isinstance(sharding, SingleDeviceSharding) and x.committed:
+        return sharding
+    return None
+
+
 def make_confusion_step(
     model: nn.Module,
     num_classes: int,
-    ignore_index: int = 255,
-    eval_config: Mapping[str, Any] | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    eval_config: Mapping[str, Any] | EvalOptions | None = None,
 ) -> Callable[..., metrics.Confusion]:
-    """Jitted (variables, batch, confusion) -> confusion + this batch's counts."""
-    eval_options(eval_config)  # a bad config fails here, before any data is read
+    """Jitted (variables, batch, total) -> total + this batch's counts (`metrics.Confusion`:
+    the confusion matrix and the labels outside [0, C) that are not `ignore_index`).
+
+    It compiles once per batch shape if `total` has the sharding the step returns: start
+    from `metrics.Confusion.zeros(num_classes, sharding)` with the batch's mesh, replicated
+    (as `Evaluator` does)."""
+    options = eval_options(eval_config)  # a bad config fails here, before any data is read
 
     @jax.jit
     def step(variables, batch, total: metrics.Confusion) -> metrics.Confusion:
         label = batch["label"]
-        pred = predict_batch(model, variables, batch, label.shape[1:3], eval_config)
+        pred = predict_batch(model, variables, batch, label.shape[1:3], options)
         label = jnp.where(batch["mask"][:, None, None], label, ignore_index)
-        batch_counts = metrics.confusion_matrix(pred, label, num_classes, ignore_index)
-        return metrics.accumulate(total, batch_counts)
+        counts = metrics.confusion_matrix(pred, label, num_classes, ignore_index)
+        outside = metrics.count_outside(label, num_classes, ignore_index)
+        return metrics.accumulate(total, counts, outside)
 
     return step
+
+
+class Evaluator:
+    """mIoU and the other metrics (`metrics.segmentation_metrics`) of a model on an
+    evaluation split, built once per run: the confusion step is jitted here and compiles
+    once for all evaluations with equal batch shapes.
+
+    `place` puts each host batch on device (e.g. `input_pipeline.to_global_array` with the
+    mesh); inference follows `eval_config` (`config.eval`). The totals stay on device during
+    a pass; after it, labels outside [0, num_classes) other than `ignore_index` raise a
+    ValueError (a dataset whose classes do not match the model's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        *,
+        place: Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]],
+        eval_config: Mapping[str, Any] | EvalOptions | None,
+        class_names: Sequence[str] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ):
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for num_classes={num_classes}; pass one "
+                "name per class or none"
+            )
+        self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
+        self.place = place
+        self.class_names = None if class_names is None else list(class_names)
+        self.options = eval_options(eval_config)
+        self.step = make_confusion_step(model, self.num_classes, self.ignore_index, self.options)
+
+    def confusion(self, variables: Any, batches: Iterable[Mapping[str, Any]]) -> metrics.Confusion:
+        """The totals of one pass over `batches`, on device (no host sync per batch)."""
+        total = None
+        for batch in batches:
+            placed = self.place(batch)
+            if total is None:  # the step's output sharding, so that it compiles once
+                sharding = _replicated_like(placed["label"])
+                total = metrics.Confusion.zeros(self.num_classes, sharding)
+            total = self.step(variables, placed, total)
+        return metrics.Confusion.zeros(self.num_classes) if total is None else total
+
+    def __call__(self, variables: Any, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Metrics of one pass over host `batches` (e.g. `input_pipeline.eval_iterator`)."""
+        total = self.confusion(variables, batches)
+        outside = metrics.outside_count(total)
+        if outside:
+            raise ValueError(
+                f"labels outside [0, {self.num_classes}) that are not "
+                f"ignore_index={self.ignore_index}: {outside} pixels; does model.num_classes "
+                "match the dataset?"
+            )
+        return metrics.segmentation_metrics(total, self.class_names)
 
 
 def evaluate(
@@ -299,15 +397,18 @@ def evaluate(
     num_classes: int,
     *,
     place: Callable[[Mapping[str, np.ndarray]], Mapping[str, jax.Array]],
-    eval_config: Mapping[str, Any] | None = None,
-    class_names: list[str] | None = None,
-    ignore_index: int = 255,
+    eval_config: Mapping[str, Any] | EvalOptions | None,
+    class_names: Sequence[str] | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, Any]:
-    """Metrics (`metrics.segmentation_metrics`) over host batches, each placed by `place`
-    (e.g. `input_pipeline.to_global_array`), inferred as `eval_config` (`config.eval`)
-    says. The confusion matrix stays on device."""
-    step = make_confusion_step(model, num_classes, ignore_index, eval_config)
-    total = metrics.Confusion.zeros(num_classes)
-    for batch in batches:
-        total = step(variables, place(batch), total)
-    return metrics.segmentation_metrics(total, class_names)
+    """One-off evaluation: `Evaluator(...)(variables, batches)`. To evaluate repeatedly (in
+    training), build one `Evaluator`, which compiles once."""
+    evaluator = Evaluator(
+        model,
+        num_classes,
+        place=place,
+        eval_config=eval_config,
+        class_names=class_names,
+        ignore_index=ignore_index,
+    )
+    return evaluator(variables, batches)

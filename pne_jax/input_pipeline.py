@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -48,38 +50,35 @@ from pne_jax.datasets import hide_accelerators_from_tf
 Batch = dict[str, np.ndarray]
 Source = Sequence[Mapping[str, Any]]
 
-# config.data fields read here, with their defaults (Cityscapes, MMSegmentation's recipe).
-DATA_DEFAULTS = {
-    "name": None,  # dataset, e.g. "cityscapes" or "cityscapes_semseg"; see open_source
-    "data_dir": None,  # where it is prepared (None: ~/tensorflow_datasets)
-    "options": {},  # builder options for data.data_source, e.g. the synthetic set's sizes
-    "train_split": "train",
-    "eval_split": "validation",
-    "base_size": (2048, 1024),  # MMSeg `scale` of RandomResize (long, short edge)
-    "crop_size": (512, 1024),  # (height, width) of training crops
-    "ratio_range": (0.5, 2.0),
-    "cat_max_ratio": 0.75,
-    "flip_prob": 0.5,
-    "photometric": True,
-    "test_size": (2048, 1024),  # evaluation images fit this (long, short edge), ratio kept
-    "eval_pad_size": None,  # (H, W) evaluation images are padded to; None: scan the split
-    "eval_label_pad_size": None,  # (H, W) evaluation labels are padded to; None: scan
-    "ignore_index": 255,
-    "seed": 0,
-    "num_workers": 2,  # grain worker processes per host; 0 builds batches in this process
-    "num_threads": 1,  # threads per process (worker, or this one if num_workers = 0)
-    "worker_buffer_size": 2,  # batches each process prepares ahead
-}
 # Domain tags so that permutation and augmentation seeds never collide.
 _PERMUTATION, _AUGMENT = 0, 1
 
 
+def _missing(block: str, name: str, builder: str) -> ValueError:
+    return ValueError(
+        f"config.{block}.{name} is missing; a complete config.{block} comes from "
+        f"pne_jax.configs.common.{builder}(...) (then override fields as needed)"
+    )
+
+
 def data_field(config: ml_collections.ConfigDict, name: str):
-    """`config.data.<name>`, or its default (DATA_DEFAULTS); sequences as tuples."""
-    value = config.data.get(name, DATA_DEFAULTS[name])
+    """`config.data.<name>` (sequences as tuples, ConfigDicts as dicts); a missing block or
+    field is a ValueError naming it. Every default lives in `pne_jax.configs.common.data`."""
+    data = config.get("data")
+    if data is None or name not in data:
+        raise _missing("data", name, "data")
+    value = data[name]
     if isinstance(value, ml_collections.ConfigDict):
         return value.to_dict()
     return tuple(value) if isinstance(value, list) else value
+
+
+def eval_global_batch_size(config: ml_collections.ConfigDict) -> int:
+    """`config.eval.global_batch_size`, the one source of the evaluation batch size."""
+    eval_config = config.get("eval")
+    if eval_config is None or eval_config.get("global_batch_size") is None:
+        raise _missing("eval", "global_batch_size", "evaluation")
+    return int(eval_config["global_batch_size"])
 
 
 def train_augment(config: ml_collections.ConfigDict) -> augment.TrainAugment:
@@ -130,8 +129,11 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
-    """Grain worker set-up: workers only read and augment, so they see no accelerator."""
+    """Grain worker set-up: workers only read and augment, so they see no accelerator, and
+    keep tfds's notices (logged through absl, re-logged by each worker) off the console; an
+    error in a worker reaches the trainer as its exception."""
     del worker_index, worker_count
+    logging.getLogger("absl").setLevel(logging.ERROR)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "tensorflow" in sys.modules:
@@ -309,6 +311,74 @@ def scan_eval_sizes(source: Source, test_size: augment.Size) -> tuple[augment.Si
     return image_size, label_size
 
 
+def eval_sizes_cache_path(config: ml_collections.ConfigDict) -> str | None:
+    """Where the scanned pad sizes of `config`'s evaluation split are cached: a JSON file in
+    the prepared data's folder, one per (dataset, options, split, test_size); None for a
+    dataset `pne_jax.datasets` does not prepare (its folder is not ours to write)."""
+    name = data_field(config, "name")
+    if not name or not datasets.is_known_dataset(name):
+        return None
+    data_dir = os.path.expanduser(data_field(config, "data_dir") or datasets.DEFAULT_DATA_DIR)
+    options = data_field(config, "options")
+    tag = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    long, short = data_field(config, "test_size")
+    split = data_field(config, "eval_split")
+    return os.path.join(data_dir, "pne_jax_eval_sizes", f"{name}-{split}-{long}x{short}-{tag}.json")
+
+
+def _read_sizes(path: str, num_examples: int) -> tuple[augment.Size, augment.Size] | None:
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if cached.get("num_examples") != num_examples:  # the split was prepared anew
+        return None
+    return tuple(cached["image"]), tuple(cached["label"])
+
+
+def _write_sizes(path: str, num_examples: int, sizes) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"num_examples": num_examples, "image": sizes[0], "label": sizes[1]}, f)
+        os.replace(tmp, path)  # atomic: processes scanning at once never see half a file
+    except OSError as e:
+        logging.warning(
+            "Not caching the evaluation sizes in %s (%s); the next run scans again.", path, e
+        )
+
+
+def eval_pad_sizes(
+    config: ml_collections.ConfigDict, source: Source, cache_path: str | None = None
+) -> tuple[augment.Size, augment.Size]:
+    """(image pad (H, W), label pad (H, W)) of the evaluation batches.
+
+    `config.data.eval_pad_size` / `eval_label_pad_size` where set; a size left None is the
+    split's largest, found by `scan_eval_sizes` (which decodes every example) and cached in
+    `cache_path` (a JSON file), so later runs read it instead of scanning.
+    """
+    pad_size, label_pad_size = (
+        data_field(config, "eval_pad_size"),
+        data_field(config, "eval_label_pad_size"),
+    )
+    if pad_size is not None and label_pad_size is not None:
+        return tuple(pad_size), tuple(label_pad_size)
+    found = _read_sizes(cache_path, len(source)) if cache_path else None
+    if found is None:
+        logging.warning(
+            "Scanning the %d evaluation examples for their sizes (cached in %s); set "
+            "config.data.eval_pad_size and eval_label_pad_size to skip this.",
+            len(source),
+            cache_path,
+        )
+        found = scan_eval_sizes(source, data_field(config, "test_size"))
+        if cache_path:
+            _write_sizes(cache_path, len(source), found)
+    return tuple(pad_size or found[0]), tuple(label_pad_size or found[1])
+
+
 class _EvalElement:
     """Position in this process's block -> padded eval example (or a masked-out filler)."""
 
@@ -364,29 +434,22 @@ def eval_dataset(
       sizes 0); they must not enter the metric.
     - `index` int32 [b]: the example's index in the split (-1 for fillers).
 
-    The eval batch size is `config.eval.global_batch_size` if set, else the training one. Pad
-    sizes left as None are found by `scan_eval_sizes`, which reads the whole split once.
+    The eval batch size is `config.eval.global_batch_size`. Pad sizes come from
+    `eval_pad_sizes` (the config's, or the split's largest, scanned once and cached). Build
+    it once per run and pass it to `eval_iterator(config, dataset=...)` for each evaluation.
     """
     index, count = _processes(process_index, process_count)
-    eval_config = config.get("eval", ml_collections.ConfigDict())
-    global_batch = int(eval_config.get("global_batch_size", config.train.global_batch_size))
+    global_batch = eval_global_batch_size(config)
     b = local_batch_size(global_batch, count)
+    cache_path = None
     if source is None:
         source = open_source(config, data_field(config, "eval_split"))
-    get = functools.partial(data_field, config)
-    test_size, pad_size, label_pad_size = (
-        get(k) for k in ("test_size", "eval_pad_size", "eval_label_pad_size")
-    )
-    if pad_size is None or label_pad_size is None:
-        logging.warning(
-            "Scanning the %d evaluation examples for their sizes; set config.data.eval_pad_size "
-            "and eval_label_pad_size to skip this.",
-            len(source),
-        )
-        found_pad, found_label = scan_eval_sizes(source, test_size)
-        pad_size, label_pad_size = pad_size or found_pad, label_pad_size or found_label
+        cache_path = eval_sizes_cache_path(config)
+    test_size = data_field(config, "test_size")
+    pad_size, label_pad_size = eval_pad_sizes(config, source, cache_path)
     block = eval_block(len(source), index, count)
-    element = _EvalElement(source, block, test_size, pad_size, label_pad_size, get("ignore_index"))
+    ignore_index = data_field(config, "ignore_index")
+    element = _EvalElement(source, block, test_size, pad_size, label_pad_size, ignore_index)
     num_batches = num_eval_batches(len(source), global_batch, count)
     return grain.MapDataset.range(num_batches * b).map(element).batch(b)
 
@@ -394,15 +457,24 @@ def eval_dataset(
 def eval_iterator(
     config: ml_collections.ConfigDict,
     *,
+    dataset: grain.MapDataset | None = None,
     source: Source | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[Batch]:
-    """One pass over this process's evaluation batches (format: `eval_dataset`)."""
-    ds = eval_dataset(
-        config, source=source, process_index=process_index, process_count=process_count
-    )
-    return _iterate_config(ds, config)
+    """One pass over this process's evaluation batches (format: `eval_dataset`).
+
+    `dataset`: an `eval_dataset(config, ...)` built once per run, so that repeated
+    evaluations neither reopen the split nor scan its sizes again; without it, one is built
+    from the other arguments.
+    """
+    if dataset is None:
+        dataset = eval_dataset(
+            config, source=source, process_index=process_index, process_count=process_count
+        )
+    elif source is not None or process_index is not None or process_count is not None:
+        raise ValueError("eval_iterator: pass either dataset= or source/process_*, not both")
+    return _iterate_config(dataset, config)
 
 
 # --- Device placement ---------------------------------------------------------------------------

@@ -6,6 +6,10 @@ as two uint32 words (value = high * 2**32 + low) and carries exactly; `to_counts
 them into float64 on the host, where `segmentation_metrics` computes mIoU, per-class IoU,
 aAcc, mAcc and frequency-weighted IoU. A class absent from both the predictions and the
 labels has no union: its IoU is NaN and it is left out of the means, as in MMSegmentation.
+
+Labels that are neither `ignore_index` nor a class in [0, C) are not counted in the matrix;
+`count_outside` counts them, and `Confusion` carries that count (exactly, as the cells), so
+an evaluation can report a dataset whose labels do not match the model's classes.
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pne_jax.augment import IGNORE_INDEX
+
 
 def confusion_matrix(
-    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> jax.Array:
     """[C, C] int32 counts, rows = label, columns = prediction, over all non-ignored pixels.
 
     `pred` and `label` are int arrays of the same shape (any batch layout, sharded or not;
-    the sum covers every device). Labels outside [0, C) other than `ignore_index` are
-    not counted. One call must cover fewer than 2**31 pixels; accumulate across calls.
+    the sum covers every device). Labels outside [0, C) other than `ignore_index`, negative
+    ones included, are not counted (`count_outside` counts them). One call must cover fewer
+    than 2**31 pixels; accumulate across calls.
     """
     if jnp.shape(pred) != jnp.shape(label):
         raise ValueError(f"pred {jnp.shape(pred)} and label {jnp.shape(label)} differ in shape")
@@ -34,23 +41,44 @@ def confusion_matrix(
     return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
 
 
+def count_outside(
+    label: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
+    """int32 scalar: pixels whose label is neither `ignore_index` nor in [0, C) (jittable)."""
+    outside = (label != ignore_index) & ((label < 0) | (label >= num_classes))
+    return jnp.sum(outside, dtype=jnp.int32)
+
+
 class Confusion(NamedTuple):
-    """A confusion matrix accumulated exactly beyond 2**32: high * 2**32 + low (uint32)."""
+    """A confusion matrix accumulated exactly beyond 2**32: high * 2**32 + low (uint32), and
+    likewise the count of labels outside [0, C) that are not ignored (`outside_count`)."""
 
     low: jax.Array
     high: jax.Array
+    outside_low: jax.Array
+    outside_high: jax.Array
 
     @classmethod
-    def zeros(cls, num_classes: int) -> Confusion:
-        z = jnp.zeros((num_classes, num_classes), jnp.uint32)
-        return cls(z, z)
+    def zeros(cls, num_classes: int, sharding: jax.sharding.Sharding | None = None) -> Confusion:
+        """An empty total; with `sharding` (e.g. replicated over the evaluation mesh) its
+        arrays are committed there, as the totals a jitted step returns."""
+        z, s = jnp.zeros((num_classes, num_classes), jnp.uint32), jnp.zeros((), jnp.uint32)
+        total = cls(z, z, s, s)
+        return total if sharding is None else jax.device_put(total, sharding)
 
 
-def accumulate(total: Confusion, batch: jax.Array) -> Confusion:
-    """Adds a batch's int32 confusion matrix (jittable, exact)."""
-    low = total.low + batch.astype(jnp.uint32)  # wraps modulo 2**32
-    carry = (low < total.low).astype(jnp.uint32)
-    return Confusion(low, total.high + carry)
+def _add_exact(low: jax.Array, high: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    new = low + x.astype(jnp.uint32)  # wraps modulo 2**32
+    return new, high + (new < low).astype(jnp.uint32)
+
+
+def accumulate(total: Confusion, batch: jax.Array, outside: jax.Array | int = 0) -> Confusion:
+    """Adds a batch's int32 confusion matrix and its `count_outside` (jittable, exact)."""
+    low, high = _add_exact(total.low, total.high, batch)
+    outside_low, outside_high = _add_exact(
+        total.outside_low, total.outside_high, jnp.asarray(outside, jnp.int32)
+    )
+    return Confusion(low, high, outside_low, outside_high)
 
 
 def to_counts(total: Confusion) -> np.ndarray:
@@ -58,6 +86,11 @@ def to_counts(total: Confusion) -> np.ndarray:
     low = np.asarray(total.low, np.float64)
     high = np.asarray(total.high, np.float64)
     return high * 2.0**32 + low
+
+
+def outside_count(total: Confusion) -> int:
+    """Host count of the accumulated labels outside [0, C) that were not ignored."""
+    return int(total.outside_high) * 2**32 + int(total.outside_low)
 
 
 def segmentation_metrics(

@@ -9,6 +9,8 @@
 Each image goes through the evaluation pipeline's preprocessing (resized to fit
 `config.data.test_size`, ratio kept, normalised, padded at the bottom and right) and the
 config's test mode (`evaluate.predict_batch`), and is predicted at its original resolution.
+Files are read to 8-bit RGB by the rule dataset preparation uses (`datasets.images.to_rgb`:
+16-bit greyscale keeps its high byte, alpha is dropped, float images are refused).
 For each input `<stem>.<ext>` the output folder gets `<stem>.png` (train ids, uint8),
 `<stem>_color.png` (the dataset's palette) and `<stem>_overlay.png` (the palette on the image).
 
@@ -43,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from pne_jax import augment, checkpoint, evaluate, input_pipeline, visualize
+from pne_jax.datasets.images import to_rgb
 from pne_jax.datasets.labels import CITYSCAPES_LABEL_TABLE
 from pne_jax.models import build_model
 
@@ -71,10 +74,13 @@ def find_images(pattern: str) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """The image at `path` as uint8 RGB [H, W, 3] (decoded completely, so damage shows here)."""
+    """The image at `path` as uint8 RGB [H, W, 3] (decoded completely, so damage shows here),
+    converted by `datasets.images.to_rgb`, the rule dataset preparation uses: 16-bit greyscale
+    keeps its high byte, alpha is dropped, float images are refused (`UnsupportedImageError`).
+    """
     with Image.open(path) as image:
         image.load()
-        return np.asarray(image.convert("RGB"))
+        return to_rgb(image, where=path)
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -110,6 +116,25 @@ def cityscapes_train_to_label_id() -> np.ndarray:
 
 
 # --- Prediction ---------------------------------------------------------------------------------
+
+
+def prediction_batch_size(
+    config: ml_collections.ConfigDict, num_images: int, batch_size: int | None = None
+) -> int:
+    """`batch_size` if given, else `config.eval.global_batch_size` (the evaluation's, so
+    both predict alike) capped at `num_images`; ValueError if neither is set or it is not
+    positive."""
+    if batch_size is None:
+        configured = config.get("eval", {}).get("global_batch_size")
+        if configured is None:
+            raise ValueError(
+                "config.eval.global_batch_size is not set: set it in the config (or with "
+                "--config.eval.global_batch_size=N), or pass --batch_size"
+            )
+        batch_size = min(int(configured), num_images)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return batch_size
 
 
 def _devices_for(batch_size: int) -> list:
@@ -218,11 +243,13 @@ def predict_images(
     the outputs described in the module docstring to `out_dir`. Returns the inputs that failed
     (unreadable, or their outputs could not be written); the others are all written.
 
-    `batch_size` defaults to `config.eval.global_batch_size`, capped at the number of images.
+    `batch_size` defaults to `config.eval.global_batch_size`, capped at the number of images
+    (`prediction_batch_size`; a config without it is an error, not a silent default).
     """
     paths = list(paths)
     if not paths:
         raise ValueError("no images to predict")
+    prediction_batch_size(config, len(paths), batch_size)  # a config error before any work
     num_classes = int(config.model.num_classes)
     names = _output_names(paths, cityscapes_submission)
     colours, label_ids = None, None
@@ -265,11 +292,7 @@ def predict_images(
     if eval_pad:  # pad as evaluation does, where the images fit
         pad_size = tuple(max(a, b) for a, b in zip(pad_size, eval_pad, strict=True))
     out_shape = tuple(max(s[k] for s in sizes.values()) for k in (0, 1))
-    if batch_size is None:
-        batch_size = int(config.get("eval", {}).get("global_batch_size", 1) or 1)
-        batch_size = min(batch_size, len(sizes))
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = prediction_batch_size(config, len(sizes), batch_size)
     predictor = Predictor(config, variables, batch_size, pad_size, out_shape)
     logging.info(
         "predicting %d images in batches of %d, padded to %s, on %d device(s)",
@@ -351,16 +374,17 @@ def main(argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    checkpoint.quiet_orbax_logs()  # the console shows the progress
-    from pne_jax import train
+    from pne_jax import console, train
 
     FLAGS = flags.FLAGS
+    console.setup(None, FLAGS.verbosity)  # the console shows the progress, not the libraries
     config = FLAGS.config
     try:
         paths = find_images(FLAGS.images)
+        prediction_batch_size(config, len(paths), FLAGS.batch_size)  # before the checkpoint
         variables, step = train.load_variables(config, FLAGS.workdir)
-    except (FileNotFoundError, ValueError) as e:  # no image, no or another checkpoint
-        raise SystemExit(f"error: {e}") from e
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from e  # no image; no, another or a damaged checkpoint
     print(f"predicting {len(paths)} images with step {step} of {FLAGS.workdir}", flush=True)
     failures = predict_images(
         config,

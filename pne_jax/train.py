@@ -8,14 +8,28 @@ head's + PNE on the feature-resolution logits, with labels resized by PyTorch's 
 (`resize_labels_nearest`), exactly as the reference feeds it.
 
 The loop keeps side effects at the edge: input, logging, evaluation, checkpoints, signals.
-A non-finite loss is recorded inside the step (first step and which part) and checked at
-every log and before every checkpoint, so training stops with an error naming them before
-a checkpoint of that state is written, without a host sync per step.
+A non-finite loss, and labels outside [0, num_classes) that are not `ignore_index`, are
+recorded inside the step (first step and which part) and checked at every log and before
+every checkpoint, so training stops with an error naming them before a checkpoint of that
+state is written, without a host sync per step.
+
+Every run ends with its last step saved: at the end, and on SIGTERM or a first Ctrl-C
+(SIGINT), which stop at the next step boundary (a second Ctrl-C stops at once, without
+saving). `metrics.jsonl` holds one record per step (and per evaluation): resuming drops
+the records of steps after the checkpoint it resumes from, which are trained again.
+
+Gradient accumulation (`train.grad_accum_steps` = k) runs the k micro-batches one after
+another: BatchNorm's batch statistics and PNE's pairs then come from each micro-batch on
+its own (as MMSegmentation's `GradientCumulativeOptimizerHook`), so k micro-batches of b
+images are not the same as one batch of k*b; the averaged gradient and the cross-entropy
+are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -35,7 +49,17 @@ from clu import metric_writers
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pne_jax import checkpoint, datasets, evaluate, input_pipeline, optim, pretrained
+from pne_jax import (
+    checkpoint,
+    console,
+    datasets,
+    evaluate,
+    input_pipeline,
+    optim,
+    pretrained,
+    run_lock,
+)
+from pne_jax.configs import validation
 from pne_jax.losses import pne
 from pne_jax.losses.cross_entropy import (
     cross_entropy,
@@ -46,6 +70,8 @@ from pne_jax.models import build_model
 from pne_jax.models.layers import resize
 
 LOSS_PARTS = ("ce", "aux", "pne")
+# Bits of TrainState.bad_parts: a non-finite loss part, or labels outside the classes.
+HEALTH_FLAGS = (*LOSS_PARTS, "labels")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -54,8 +80,8 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # uint32 key data: dropout / drop-path randomness, folded with the step
-    bad_step: jax.Array  # int32 [], first step with a non-finite loss part, -1 if none
-    bad_parts: jax.Array  # int32 [], bit i set: LOSS_PARTS[i] was non-finite at bad_step
+    bad_step: jax.Array  # int32 [], first step with a HEALTH_FLAGS problem, -1 if none
+    bad_parts: jax.Array  # int32 [], bit i set: HEALTH_FLAGS[i] went wrong at bad_step
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -184,8 +210,10 @@ def make_train_step(
         with jax.named_scope("optimizer"):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        finite = jnp.stack([jnp.isfinite(parts[k]) for k in LOSS_PARTS])
-        bits = jnp.sum(jnp.where(finite, 0, 2 ** jnp.arange(len(LOSS_PARTS))))
+        valid = labels != config.data.ignore_index
+        outside = jnp.any(valid & ((labels < 0) | (labels >= config.model.num_classes)))
+        ok = jnp.stack([*(jnp.isfinite(parts[k]) for k in LOSS_PARTS), ~outside])
+        bits = jnp.sum(jnp.where(ok, 0, 2 ** jnp.arange(len(HEALTH_FLAGS))))
         first_bad = (state.bad_step < 0) & (bits > 0)
         new_state = state.replace(
             step=state.step + 1,
@@ -263,36 +291,51 @@ def initial_weights(variables: dict, model_config: ml_collections.ConfigDict) ->
     return variables
 
 
-def check_finite(state: TrainState) -> None:
-    """Raises FloatingPointError naming the first step and loss parts that were not finite."""
+def check_health(state: TrainState, num_classes: int, ignore_index: int = 255) -> None:
+    """Raises, naming the first bad step, if a batch had labels outside [0, num_classes)
+    that are not `ignore_index` (ValueError) or a loss part was not finite
+    (FloatingPointError, naming the parts)."""
     bad_step, bad_parts = (int(x) for x in jax.device_get((state.bad_step, state.bad_parts)))
-    if bad_step >= 0:
-        parts = [name for i, name in enumerate(LOSS_PARTS) if bad_parts & (1 << i)]
-        raise FloatingPointError(
-            f"non-finite loss at step {bad_step + 1} in {', '.join(parts)}; stopping before "
-            "any checkpoint of it is written"
+    if bad_step < 0:
+        return
+    if bad_parts & (1 << HEALTH_FLAGS.index("labels")):
+        raise ValueError(
+            f"the batch of step {bad_step + 1} has labels outside [0, {num_classes}) that are "
+            f"not ignore_index={ignore_index}: does config.model.num_classes={num_classes} "
+            "match the dataset's classes? Stopping before any checkpoint of it is written"
         )
+    parts = [name for i, name in enumerate(LOSS_PARTS) if bad_parts & (1 << i)]
+    raise FloatingPointError(
+        f"non-finite loss at step {bad_step + 1} in {', '.join(parts)}; stopping before "
+        "any checkpoint of it is written (lower optimizer.learning_rate, or look for NaN in "
+        "the inputs)"
+    )
 
 
 class _Preemption:
-    """SIGTERM -> stop at the next step boundary (single host); pods use JAX's sync point."""
+    """SIGTERM or a first SIGINT (Ctrl-C) -> stop at the next step boundary, saving it (single
+    host; pods use JAX's preemption sync point); a second SIGINT interrupts at once."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
         self.requested = True
+        if signum == signal.SIGINT:  # the next Ctrl-C stops at once
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.SIG_DFL))
+            logging.warning("interrupted: saving at the end of this step (Ctrl-C again: stop now)")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -322,12 +365,28 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
     options = dict(config.data.options)
     if datasets.dataset_name(config.data.name) == "synthetic":
         if jax.process_index() == 0:
-            datasets.prepare(config.data.name, config.data.data_dir, **options)
+            _prepare_quietly(config.data.name, config.data.data_dir, options)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("prepare_data")
     datasets.load_builder(config.data.name, config.data.data_dir, **options)
+
+
+def _prepare_quietly(name: str, data_dir: str, options: dict) -> None:
+    """`datasets.prepare`, with tfds's progress bars and prints sent to the log file."""
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        datasets.prepare(name, data_dir, **options)
+    lines = out.getvalue().strip().splitlines()
+    for line in lines[:-1]:
+        logging.info("%s", line, extra={"file_only": True})
+    if lines:
+        done = "nothing to do" in lines[-1]
+        logging.info("%s", lines[-1], extra={"file_only": done})
 
 
 def _class_names(config: ml_collections.ConfigDict) -> list[str] | None:
@@ -359,13 +418,128 @@ def _log_line(step: int, total: int, scalars: dict[str, float], rate: float, eta
     return f"step {step}/{total} {parts} {rate:.1f} img/s eta {eta / 60:.1f} min"
 
 
+def eval_summary(step: int, results: dict[str, Any]) -> str:
+    """The short table of an evaluation: mIoU, mAcc and aAcc in percent."""
+    values = "".join(f"{100 * float(results[k]):7.2f}" for k in ("miou", "macc", "aacc"))
+    return f"eval  step    mIoU   mAcc   aAcc\n      {step:>4d} {values}"
+
+
+def class_table(names: list[str], results: dict[str, Any]) -> str:
+    """Per-class IoU and accuracy in percent, one row per class."""
+    rows = "\n".join(
+        f"{name:>24} {100 * iou:6.2f} {100 * acc:6.2f}"
+        for name, iou, acc in zip(names, results["iou"], results["acc"], strict=True)
+    )
+    return f"{'class':>24} {'IoU':>6} {'Acc':>6}\n{rows}"
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be created or written; the message names the path and the cause."""
+
+
+def _workdir_error(workdir: str, error: OSError) -> WorkdirError:
+    where = error.filename or workdir
+    return WorkdirError(
+        f"cannot write to --workdir={workdir}: {error.strerror or error} ({where}); pass a "
+        "writable folder"
+    )
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates `workdir`; WorkdirError (one line) if it is a file or not writable."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if not os.access(workdir, os.W_OK):
+            raise PermissionError(13, "Permission denied", workdir)
+    except OSError as e:
+        raise _workdir_error(workdir, e) from e
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON record per step and kind (train or eval scalars), in order.
+
+    Opening it for a run that resumes from `resume_step` drops the records of later steps
+    (a torn last line of a killed run too), which the run trains again; a second record of
+    the same step and kind replaces the first (e.g. a run evaluated again at its end).
+    """
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        self.records: list[dict] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for number, line in enumerate(f, 1):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        logging.info("%s:%d: dropped a torn record %r", path, number, line[:80])
+                        continue
+                    if int(record.get("step", 0)) <= resume_step:
+                        self.records.append(record)
+        self._rewrite()
+
+    @staticmethod
+    def _kind(record: dict) -> str:
+        return "eval" if any(k.startswith("eval/") for k in record) else "train"
+
+    def _rewrite(self) -> None:
+        temporary = f"{self.path}.tmp"
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        os.replace(temporary, self.path)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        record = {"step": step, **scalars}
+        kind = self._kind(record)
+        kept = [r for r in self.records if not (r["step"] == step and self._kind(r) == kind)]
+        replaced = len(kept) != len(self.records)
+        self.records = [*kept, record]
+        if replaced:
+            self._rewrite()
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _check_resumable(ckpt: checkpoint.Checkpointer, saved_config: dict) -> None:
+    """Refuses, before anything compiles, a config that differs from the latest checkpoint's
+    in a field that changes the trajectory (a damaged latest one is left to `restore_latest`)."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return
+    try:
+        ckpt.check_config(latest, saved_config)
+    except checkpoint.DamagedCheckpointError:
+        return
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, evaluate_during_training: bool = True
 ) -> dict[str, Any]:
-    """Trains `config` in `workdir` (resuming from its latest checkpoint), evaluating every
-    `train.eval_every` steps and at the end (unless `evaluate_during_training` is False).
-    Returns the last evaluation's metrics."""
-    os.makedirs(workdir, exist_ok=True)
+    """Trains `config` in `workdir` (resuming from its newest intact checkpoint), evaluating
+    every `train.eval_every` steps and at the end (unless `evaluate_during_training` is
+    False), and saves the last step. Returns the last evaluation's metrics.
+
+    Refused before anything compiles: a config that `configs.validation` refuses, a workdir
+    in use by another run (`run_lock.WorkdirLockedError`) or not writable (`WorkdirError`),
+    a config that differs from the checkpoint's in a field that changes the trajectory.
+    """
+    validation.check(config)
+    make_workdir(workdir)
+    holder = run_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    with holder or contextlib.nullcontext():
+        if jax.process_index() == 0:
+            try:
+                with open(os.path.join(workdir, "config.json"), "w") as f:
+                    json.dump(_config_dict(config), f, indent=1, sort_keys=True)
+            except OSError as e:
+                raise _workdir_error(workdir, e) from e
+        return _train(config, workdir, evaluate_during_training)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, evaluate_during_training: bool
+) -> dict[str, Any]:
     mesh = make_mesh()
     check_batch_size(config.train.global_batch_size, mesh)
     model = build_model(config.model)
@@ -378,48 +552,64 @@ def train_and_evaluate(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints
     )
     saved_config = _config_dict(config)
-    state = init_state(model, tx, config, mesh)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, checkpoint.abstract_like(state), saved_config)
-        logging.info("resumed from %s at step %d", ckpt.directory, latest)
-    start = int(jax.device_get(state.step))
-
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, config),
-        in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    class_names = _class_names(config)
-    num_classes = int(config.model.num_classes)
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False
-    )
-    jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if jax.process_index() == 0 else None
-
-    def write(step: int, scalars: dict[str, float]) -> None:
-        writer.write_scalars(step, scalars)
-        if jsonl is not None:
-            jsonl.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
-            jsonl.flush()
-
-    def run_eval(step: int) -> dict[str, Any]:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        results = evaluate.evaluate(
+    num_classes, ignore = int(config.model.num_classes), int(config.data.ignore_index)
+    try:
+        _check_resumable(ckpt, saved_config)
+        state = init_state(model, tx, config, mesh)
+        latest, restored = ckpt.restore_latest(checkpoint.abstract_like(state), saved_config)
+        if latest is not None:
+            state = restored
+            logging.info("resumed from step %d (%s)", latest, ckpt.directory)
+        start = int(jax.device_get(state.step))
+        train_step = jax.jit(
+            make_train_step(model, tx, schedule, config),
+            in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+        class_names = _class_names(config)
+        writer = jsonl = None
+        if jax.process_index() == 0:
+            writer = metric_writers.SummaryWriter(workdir)  # TensorBoard; the console: below
+            try:
+                jsonl = MetricsLog(os.path.join(workdir, "metrics.jsonl"), start)
+            except OSError as e:
+                raise _workdir_error(workdir, e) from e
+        evaluator = evaluate.Evaluator(
             model,
-            variables,
-            input_pipeline.eval_iterator(config),
             num_classes,
             place=functools.partial(input_pipeline.to_global_array, mesh=mesh),
             eval_config=config.eval,
             class_names=class_names,
-            ignore_index=config.data.ignore_index,
+            ignore_index=ignore,
         )
-        scalars = {f"eval/{k}": float(v) for k, v in results.items() if np.ndim(v) == 0}
-        write(step, scalars)
-        logging.info("eval at step %d: mIoU %.4f aAcc %.4f", step, results["miou"], results["aacc"])
+        eval_data = None
+    except BaseException:
+        ckpt.close()
+        raise
+
+    def write(step: int, scalars: dict[str, float]) -> None:
+        if writer is not None:
+            writer.write_scalars(step, scalars)
+            writer.flush()
+        if jsonl is not None:
+            jsonl.write(step, scalars)
+
+    def run_eval(step: int) -> dict[str, Any]:
+        nonlocal eval_data
+        if eval_data is None:  # built once: a split without pad sizes is scanned once
+            eval_data = input_pipeline.eval_dataset(config)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        results = evaluator(variables, input_pipeline.eval_iterator(config, dataset=eval_data))
+        write(step, {f"eval/{k}": float(v) for k, v in results.items() if np.ndim(v) == 0})
+        logging.info("%s", eval_summary(step, results))
+        names = class_names or [str(i) for i in range(len(results["iou"]))]
+        logging.info("%s", class_table(names, results), extra={"file_only": True})
         return results
+
+    def save(step: int, metrics: dict[str, float] | None = None) -> None:
+        check_health(state, num_classes, ignore)
+        ckpt.save(step, state, saved_config, metrics=metrics)
 
     total_steps = int(config.train.steps)
     global_batch = int(config.train.global_batch_size)
@@ -427,21 +617,20 @@ def train_and_evaluate(
     results: dict[str, Any] = {}
     last_time, last_step = time.perf_counter(), start
     try:
-        with _Preemption() as preemption:
+        with _Preemption() as preemption, console.Progress(total_steps, start) as progress:
             step = start
             while step < total_steps:
                 if preemption.reached(step):
-                    check_finite(state)
                     if ckpt.latest_step() != step:
-                        ckpt.save(step, state, saved_config)
+                        save(step)
                     ckpt.wait()
-                    logging.warning("preempted: saved step %d in %s", step, ckpt.directory)
+                    logging.warning("stopped early: saved step %d in %s", step, ckpt.directory)
                     return results
                 batch = input_pipeline.to_global_array(next(batches), mesh)
                 state, step_metrics = train_step(state, batch)
                 step += 1
                 if step % config.train.log_every == 0 or step == total_steps:
-                    check_finite(state)
+                    check_health(state, num_classes, ignore)
                     scalars = {
                         f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()
                     }
@@ -449,11 +638,13 @@ def train_and_evaluate(
                     rate = (step - last_step) * global_batch / max(now - last_time, 1e-9)
                     eta = (total_steps - step) * global_batch / max(rate, 1e-9)
                     write(step, scalars | {"train/images_per_second": rate})
+                    plain = {k[6:]: v for k, v in scalars.items()}
                     logging.info(
-                        _log_line(
-                            step, total_steps, {k[6:]: v for k, v in scalars.items()}, rate, eta
-                        )
+                        "%s",
+                        _log_line(step, total_steps, plain, rate, eta),
+                        extra={"progress": True},
                     )
+                    progress.update(step, plain["loss"], rate)
                     last_time, last_step = now, step
                 evaluated = evaluate_during_training and (
                     step % config.train.eval_every == 0 or step == total_steps
@@ -461,17 +652,16 @@ def train_and_evaluate(
                 if evaluated:
                     results = run_eval(step)
                 if evaluated or step % config.train.checkpoint_every == 0:
-                    check_finite(state)
-                    miou = {"miou": float(results["miou"])} if evaluated else None
-                    ckpt.save(step, state, saved_config, metrics=miou)
+                    save(step, {"miou": float(results["miou"])} if evaluated else None)
+            if ckpt.latest_step() != step:  # the last step, whatever checkpoint_every says
+                save(step)
             if not results and evaluate_during_training:  # already trained: report it
                 results = run_eval(step)
     finally:
         batches.close()
         ckpt.close()
-        writer.close()
-        if jsonl is not None:
-            jsonl.close()
+        if writer is not None:
+            writer.close()
     return results
 
 
@@ -568,6 +758,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     """Evaluates `config.eval.checkpoint` (a step; default the latest) of `workdir` on the
     evaluation split (inference as `config.eval` says), prints a per-class table and writes
     `workdir/eval_<step>.json`."""
+    validation.check(config)
     mesh = make_mesh()
     model = build_model(config.model)
     variables, step = load_variables(config, workdir)
@@ -583,17 +774,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         ignore_index=config.data.ignore_index,
     )
     names = class_names or [str(i) for i in range(len(results["iou"]))]
-    table = "\n".join(
-        f"{name:>24} {100 * iou:6.2f} {100 * acc:6.2f}"
-        for name, iou, acc in zip(names, results["iou"], results["acc"], strict=True)
-    )
-    print(f"{'class':>24} {'IoU':>6} {'Acc':>6}\n{table}")
-    print(
-        f"step {step}: mIoU {100 * results['miou']:.2f} mAcc {100 * results['macc']:.2f} "
-        f"aAcc {100 * results['aacc']:.2f}"
-    )
+    print(class_table(names, results))
+    print(eval_summary(step, results), flush=True)
     if jax.process_index() == 0:
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in results.items()}
-        with open(os.path.join(workdir, f"eval_{int(step)}.json"), "w") as f:
-            json.dump({"step": int(step), "class_names": names, **out}, f, indent=1)
+        path = os.path.join(workdir, f"eval_{int(step)}.json")
+        try:
+            with open(path, "w") as f:
+                json.dump({"step": int(step), "class_names": names, **out}, f, indent=1)
+        except OSError as e:
+            raise _workdir_error(workdir, e) from e
     return results

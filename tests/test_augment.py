@@ -1,11 +1,24 @@
 """Properties of the joint image + label augmentations (pne_jax/augment.py)."""
 
+import dataclasses
+
+import ml_collections
 import numpy as np
 import pytest
 
 from pne_jax import augment as A
+from pne_jax import input_pipeline
+from pne_jax.configs import common
 
-AUG = A.TrainAugment(base_size=(64, 48), crop_size=(32, 40), ratio_range=(0.5, 2.0))
+
+def make_aug(base_size=(64, 48), crop_size=(32, 40), **fields):
+    """The recipe of `common.data` (its one set of defaults), with `fields` overridden."""
+    data = common.data("test", base_size=base_size, crop_size=crop_size, test_size=base_size)
+    data.update(fields)
+    return input_pipeline.train_augment(ml_collections.ConfigDict({"data": data}))
+
+
+AUG = make_aug()
 
 
 def make_example(seed, h=48, w=64, classes=(0, 3, 7, 11)):
@@ -68,7 +81,7 @@ def test_crops_respect_cat_max_ratio():
         unbalanced += not A.crop_is_balanced(crop, 0.75)
     assert unbalanced > 20  # without the constraint, unbalanced crops do occur
     # And through the full chain at scale 1.
-    aug = A.TrainAugment(base_size=(64, 16), crop_size=(16, 32), ratio_range=(1.0, 1.0))
+    aug = make_aug(base_size=(64, 16), crop_size=(16, 32), ratio_range=(1.0, 1.0))
     for seed in range(50):
         out = A.train_transform(np.random.default_rng(seed), image, label, aug)[1]
         assert A.crop_is_balanced(out, 0.75)
@@ -126,9 +139,7 @@ def test_rescale_keeps_ratio_and_stays_in_range():
 
 @pytest.mark.parametrize("photometric", [False, True])
 def test_train_transform_matches_op_by_op_chain(photometric):
-    aug = A.TrainAugment(
-        base_size=(64, 48), crop_size=(32, 40), cat_max_ratio=0.75, photometric=photometric
-    )
+    aug = make_aug(cat_max_ratio=0.75, photometric=photometric)
     image, label = make_example(1)
     for seed in range(12):
         fused = A.train_transform(np.random.default_rng(seed), image, label, aug)
@@ -185,7 +196,7 @@ def test_normalize_and_pad_values_are_exact():
 
 def test_small_images_are_padded_to_the_crop():
     image, label = make_example(4, h=10, w=12)
-    aug = A.TrainAugment(base_size=(12, 10), crop_size=(32, 40), ratio_range=(1.0, 1.0))
+    aug = make_aug(base_size=(12, 10), crop_size=(32, 40), ratio_range=(1.0, 1.0))
     out_image, out_label = A.train_transform(np.random.default_rng(0), image, label, aug)
     assert out_image.shape == (32, 40, 3) and out_label.shape == (32, 40)
     assert np.all(out_label[10:] == 255) and np.all(out_label[:, 12:] == 255)
@@ -208,8 +219,26 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="differs from image size"):
         A.rescale(image, label[:-1], (10, 10))
     with pytest.raises(ValueError, match="ratio_range"):
-        A.TrainAugment(ratio_range=(2.0, 0.5))
+        make_aug(ratio_range=(2.0, 0.5))
     with pytest.raises(ValueError, match="crop_size"):
-        A.TrainAugment(crop_size=(0, 10))
+        make_aug(crop_size=(0, 10))
     with pytest.raises(ValueError, match="cat_max_ratio"):
-        A.TrainAugment(cat_max_ratio=1.5)
+        make_aug(cat_max_ratio=1.5)
+
+
+def test_train_augment_has_no_defaults_of_its_own():
+    """The recipe's values live in common.data only: TrainAugment requires them, and the
+    config's values are the ones used (an old default of 0.5 would hide a config's 0.25)."""
+    with pytest.raises(TypeError, match="missing 5 required"):
+        A.TrainAugment(base_size=(64, 48), crop_size=(32, 40))
+    fields = {
+        f.name for f in dataclasses.fields(A.TrainAugment) if f.default is dataclasses.MISSING
+    }
+    assert fields == {"base_size", "crop_size", "ratio_range", "cat_max_ratio", "flip_prob"} | {
+        "photometric",
+        "ignore_index",
+    }
+    assert make_aug(flip_prob=0.25, photometric=False).flip_prob == 0.25
+    config = ml_collections.ConfigDict({"data": {"base_size": (64, 48)}})
+    with pytest.raises(ValueError, match=r"config.data.crop_size is missing.*common.data\("):
+        input_pipeline.train_augment(config)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import io
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from pne_jax import datasets as data
-from pne_jax.datasets import labels
+from pne_jax.datasets import images, labels
 from pne_jax.datasets.manual import BadSourceFileError, MissingManualFilesError
 from pne_jax.datasets.preparation import prepare
 from pne_jax.datasets.semseg import SplitSizeError
@@ -95,6 +98,48 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def png16(array: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 [H, W] (greyscale) or [H, W, 3] (RGB, "48-bit"), written by hand:
+    PIL writes 16-bit greyscale but not 16-bit RGB."""
+    array = np.asarray(array, ">u2")
+    h, w = array.shape[:2]
+    colour_type = 0 if array.ndim == 2 else 2
+    rows = b"".join(b"\x00" + array[y].tobytes() for y in range(h))  # filter 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def grey16_gradient(h: int, w: int) -> np.ndarray:
+    """uint16 [h, w]: 0 .. 65535 evenly, row by row (both ends included)."""
+    return np.round(np.linspace(0, 65535, h * w)).astype(np.uint16).reshape(h, w)
+
+
+def high_byte(values: np.ndarray) -> np.ndarray:
+    """The documented 16 -> 8 bit rule, stated independently: v >> 8, as uint8."""
+    return (np.asarray(values).astype(np.int64) // 256).astype(np.uint8)
+
+
+def palette_with_alpha(rng, h: int, w: int) -> tuple[bytes, np.ndarray]:
+    """A P PNG whose palette has per-entry alpha (tRNS as bytes), and its RGB colours."""
+    palette = rng.integers(0, 256, (4, 3), dtype=np.uint8)
+    index = rng.integers(0, 4, (h, w), dtype=np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.ravel().tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", transparency=bytes([0, 64, 128, 255]))
+    return buf.getvalue(), palette[index]
 
 
 def _raw_label(rng, values: list[int], h: int, w: int, fixed: list[int] | None) -> np.ndarray:
@@ -527,6 +572,153 @@ def test_tf_dataset_decodes_jpeg_as_pil(tmp_path):
         np.testing.assert_array_equal(ex["label"], np_ex["label"])
         seen += 1
     assert seen == 3
+
+
+# --- image modes: one rule for preparation and prediction (pne_jax/datasets/images.py) --------
+
+CITY_IMAGES = "leftImg8bit_trainvaltest.zip"
+CITY_LABELS = "gtFine_trainvaltest.zip"
+
+
+def _city_member(split: str, city: str, k: int, kind: str) -> str:
+    stem = f"{city}_{k:06d}_000019"
+    if kind == "image":
+        return f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png"
+    return f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png"
+
+
+def test_image_modes_prepared_by_one_rule(tmp_path):
+    """16-bit greyscale, 48-bit RGB, RGBA, LA and palette-with-alpha sources are stored as
+    8-bit RGB PNGs with the documented values (16 bit: v >> 8, not white or binary; alpha
+    dropped), read alike by `data_source` and `tf_dataset`; a 16-bit label map keeps its
+    values."""
+    rng = np.random.default_rng(0)
+    h, w = 8, 12
+    trees = fake_cityscapes(rng, h=h, w=w)
+    gradient = grey16_gradient(h, w)
+    rgb16 = rng.integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    la = rng.integers(0, 256, (h, w, 2), dtype=np.uint8)
+    p_bytes, p_rgb = palette_with_alpha(rng, h, w)
+    sources = {  # member -> (bytes, expected uint8 RGB)
+        _city_member("train", "aachen", 0, "image"): (
+            _encode(gradient, "PNG"),
+            np.repeat(high_byte(gradient)[..., None], 3, -1),
+        ),
+        _city_member("train", "aachen", 1, "image"): (_encode(rgba, "PNG"), rgba[..., :3]),
+        _city_member("train", "bochum", 2, "image"): (p_bytes, p_rgb),
+        _city_member("val", "frankfurt", 0, "image"): (
+            _encode(la, "PNG"),
+            np.repeat(la[..., :1], 3, -1),
+        ),
+        _city_member("val", "frankfurt", 1, "image"): (png16(rgb16), high_byte(rgb16)),
+    }
+    assert _encode(gradient, "PNG")[24] == 16  # a real 16-bit PNG
+    for member, (content, _) in sources.items():
+        trees[CITY_IMAGES][member] = content
+    label_member = _city_member("train", "aachen", 0, "label")
+    raw = np.asarray(Image.open(io.BytesIO(trees[CITY_LABELS][label_member])))
+    trees[CITY_LABELS][label_member] = _encode(raw.astype(np.uint16), "PNG")  # 16 bit, <= 33
+    manual = write_tree(trees, tmp_path / "manual", "zip")
+    sizes = SIZES["cityscapes"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. PIL's palette-transparency warning
+        builder = prepare("cityscapes", tmp_path / "tfds", manual, expected_split_sizes=sizes)
+    expected = {m.rsplit("/", 1)[-1][:-4]: rgb for m, (_, rgb) in sources.items()}
+    seen = set()
+    for split in sizes:
+        src = data.data_source("cityscapes", split, tmp_path / "tfds", expected_split_sizes=sizes)
+        ds = data.tf_dataset("cityscapes", split, tmp_path / "tfds", expected_split_sizes=sizes)
+        stored = builder.as_data_source(split, deserialize_method=NO_DECODE)
+        for i, (tf_ex, ex) in enumerate(zip(ds.as_numpy_iterator(), src, strict=True)):
+            np.testing.assert_array_equal(tf_ex["image"], ex["image"])  # PIL == TensorFlow
+            np.testing.assert_array_equal(tf_ex["label"], ex["label"])
+            name = ex["name"].decode()
+            if name not in expected:
+                continue
+            seen.add(name)
+            assert ex["image"].dtype == np.uint8 and ex["image"].shape == (h, w, 3)
+            np.testing.assert_array_equal(ex["image"], expected[name])
+            png = stored[i].features.feature["image"].bytes_list.value[0]
+            assert png[:4] == b"\x89PNG" and png[24:26] == bytes([8, 2])  # 8-bit RGB
+    assert seen == set(expected)
+    grey = expected["aachen_000000_000019_leftImg8bit"][..., 0]
+    assert grey[0, 0] == 0 and grey[-1, -1] == 255 and len(np.unique(grey)) > h * w // 2
+    train = data.data_source("cityscapes", "train", tmp_path / "tfds", expected_split_sizes=sizes)
+    label = next(ex["label"] for ex in train if ex["name"] == b"aachen_000000_000019_leftImg8bit")
+    np.testing.assert_array_equal(label, np.vectorize(cityscapes_expected)(raw))
+
+
+def test_unconvertible_images_and_labels_refused(tmp_path):
+    """A float image, a 32-bit image beyond 16 bits and a 16-bit label above 255 stop the
+    preparation with one line naming the file and what it holds."""
+    sizes = SIZES["cityscapes"]
+    member = _city_member("train", "aachen", 0, "label")
+    trees = fake_cityscapes(np.random.default_rng(0))
+    raw = np.asarray(Image.open(io.BytesIO(trees[CITY_LABELS][member]))).astype(np.uint16)
+    raw[1, 2] = 300
+    trees[CITY_LABELS][member] = _encode(raw, "PNG")
+    manual = write_tree(trees, tmp_path / "labels", "zip")
+    with pytest.raises(BadSourceFileError) as err:
+        prepare("cityscapes", tmp_path / "tfds", manual, expected_split_sizes=sizes)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{manual}/{CITY_LABELS}:{member}" in msg
+    assert "a largest value of 300" in msg and "0..255" in msg
+
+    member = _city_member("train", "aachen", 0, "image")
+    for mode, array, what in (
+        ("F", np.linspace(0, 1, 96, dtype=np.float32).reshape(8, 12), "mode 'F' (32-bit float)"),
+        ("I", np.full((8, 12), 70_000, np.int32), "mode 'I' with values 70000..70000"),
+    ):
+        trees = fake_cityscapes(np.random.default_rng(0))
+        buf = io.BytesIO()
+        Image.fromarray(array, mode).save(buf, format="TIFF")  # PIL reads it by its content
+        trees[CITY_IMAGES][member] = buf.getvalue()
+        manual = write_tree(trees, tmp_path / mode, "unzipped")
+        with pytest.raises(BadSourceFileError) as err:
+            prepare("cityscapes", tmp_path / "tfds", manual, expected_split_sizes=sizes)
+        msg = str(err.value)
+        assert "\n" not in msg and str(manual / member) in msg and what in msg
+        assert "convert the file to 8-bit RGB" in msg
+
+
+def test_to_rgb_and_to_label_by_mode():
+    """The shared rule on each mode, without files."""
+    rng = np.random.default_rng(0)
+    gradient = grey16_gradient(4, 64)
+    want = np.repeat(high_byte(gradient)[..., None], 3, -1)
+    for mode, dtype in (("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2")):
+        image = Image.frombytes(mode, (64, 4), gradient.astype(dtype).tobytes())
+        np.testing.assert_array_equal(np.asarray(image), gradient)
+        np.testing.assert_array_equal(images.to_rgb(image), want)
+    np.testing.assert_array_equal(
+        images.to_rgb(Image.fromarray(gradient.astype(np.int32), "I")), want
+    )
+    cmyk = Image.fromarray(rng.integers(0, 256, (4, 5, 4), dtype=np.uint8), "CMYK")
+    np.testing.assert_array_equal(images.to_rgb(cmyk), np.asarray(cmyk.convert("RGB")))
+    p_bytes, p_rgb = palette_with_alpha(rng, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(images.to_rgb(Image.open(io.BytesIO(p_bytes))), p_rgb)
+    with pytest.raises(images.UnsupportedImageError, match=r"x\.tif has image mode 'F'"):
+        images.to_rgb(Image.new("F", (2, 2)), where="x.tif")
+    negative = Image.fromarray(np.array([[-1, 5]], np.int32), "I")
+    with pytest.raises(images.UnsupportedImageError, match=r"values -1\.\.5, outside"):
+        images.to_rgb(negative)
+
+    values = np.array([[0, 7, 255]], np.uint16)
+    for image in (Image.fromarray(values), Image.fromarray(values.astype(np.int32), "I")):
+        label = images.to_label(image)
+        assert label.dtype == np.uint8 and label.tolist() == [[0, 7, 255]]
+    index = Image.fromarray(np.array([[3, 1]], np.uint8), "P")
+    index.putpalette([9] * 12)
+    assert images.to_label(index).tolist() == [[3, 1]]  # indices, not colours
+    with pytest.raises(images.UnsupportedImageError, match="a largest value of 256"):
+        images.to_label(Image.fromarray(np.array([[256]], np.uint16)))
+    with pytest.raises(images.UnsupportedImageError, match="a smallest value of -2"):
+        images.to_label(Image.fromarray(np.array([[-2]], np.int32), "I"))
+    with pytest.raises(images.UnsupportedImageError, match="y.png has image mode 'RGB'"):
+        images.to_label(Image.new("RGB", (2, 2)), where="y.png")
 
 
 def test_unknown_dataset_and_options(tmp_path):

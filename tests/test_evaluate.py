@@ -269,12 +269,12 @@ def test_config_fields_and_bad_values():
     config = common.evaluation(common.cityscapes())
     assert config.mode == "whole" and config.scales == (1.0,) and not config.flip
     assert config.crop_size == (512, 1024) and config.stride == (341, 682)
-    assert evaluate.eval_options(config) == evaluate.EvalOptions()
+    assert evaluate.eval_options(config) == evaluate.WHOLE_ONE_SCALE
     slide = evaluate.eval_options(dict(config.items()) | {"mode": "slide"})
     assert slide.crop_size == (512, 1024) and slide.windows_per_step == 2
     for name in ("demo", "cityscapes_deeplab", "ade20k_upernet_swin", "coco_stuff_ocrnet"):
         config = configs.get_config(name)
-        assert evaluate.eval_options(config.eval) == evaluate.EvalOptions(), name
+        assert evaluate.eval_options(config.eval) == evaluate.WHOLE_ONE_SCALE, name
         config.eval.mode = "slide"
         crop = tuple(config.data.crop_size)
         assert evaluate.eval_options(config.eval).crop_size == crop, name
@@ -286,6 +286,94 @@ def test_config_fields_and_bad_values():
     ]:
         with pytest.raises(ValueError, match=match):
             evaluate.eval_options(_config(**bad))
+    # No competing defaults: a hand-built config missing a field is told where one comes from.
+    for name, fields in [("flip", dict(mode="whole", scales=(1.0,))), ("windows_per_step", {})]:
+        partial = {k: v for k, v in _config(mode="slide").items() if k != name} | fields
+        with pytest.raises(ValueError, match=rf"config.eval.{name} is missing.*evaluation\("):
+            evaluate.eval_options(partial)
+
+
+# --------------------------------------------------------------------------------------
+# Evaluator: compiled once per run; labels outside the classes
+
+
+class _CompileCounter:
+    """Counts XLA compilations (jax.monitoring's backend-compile events) while active."""
+
+    def __init__(self):
+        self.count, self.active = 0, False
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __enter__(self):
+        self.count, self.active = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+_COMPILES = _CompileCounter()
+
+
+def _eval_batches(seed, n=2):
+    return [_batch(seed=seed + i) for i in range(n)]
+
+
+def test_evaluator_compiles_once_over_three_evaluations_and_equals_evaluate():
+    """Three evaluations through one Evaluator (batches sharded over 4 devices) compile the
+    confusion step once: its first total starts with the sharding the step returns, so the
+    second call does not recompile for a committed total (before: 2 compilations, then 1
+    per evaluation). evaluate.evaluate, a one-off Evaluator, gives the same metrics."""
+    model = TinyNet()
+    variables = _init(model)
+    place = functools.partial(input_pipeline.to_global_array, mesh=_mesh(4))
+    kw = dict(place=place, eval_config=_config(), class_names=["a", "b", "c"])
+    with _COMPILES as compiles:
+        want = evaluate.evaluate(model, variables, _eval_batches(0), C, **kw)
+    assert compiles.count >= 1  # the counter does count this program's compilation
+    evaluator = evaluate.Evaluator(model, C, **kw)
+    with _COMPILES as compiles:
+        got = [evaluator(variables, _eval_batches(s)) for s in (0, 5, 9)]
+    assert compiles.count == 1
+    assert got[0].keys() == want.keys()
+    for key in ("miou", "aacc", "macc", "fwiou", "iou/b"):
+        assert got[0][key] == want[key], key
+    np.testing.assert_array_equal(got[0]["iou"], want["iou"])
+    assert got[1]["aacc"] != got[0]["aacc"] != got[2]["aacc"]  # each pass starts from zero
+
+
+def test_labels_outside_the_classes_raise_after_the_pass():
+    """Labels >= C and negative ones (neither counted in the confusion matrix) are counted
+    on device and reported with their number; ignore_index and masked fillers are not."""
+    model = TinyNet()
+    variables = _init(model)
+    place = functools.partial(input_pipeline.to_global_array, mesh=_mesh(4))
+    evaluator = evaluate.Evaluator(model, C, place=place, eval_config=None)
+    batches = _eval_batches(0)
+    clean = evaluator(variables, batches)  # labels in [0, C) and 255 only: fine
+    batches[0]["label"][0, :2, :3] = C  # 6 pixels of a class the model does not have
+    batches[1]["label"][2, 0, :4] = -1  # 4 negative ones
+    batches[1]["label"][3, 0, :5] = 255  # ignored: not counted
+    batches[1]["mask"][1] = False  # a filler: its labels are not counted
+    batches[1]["label"][1, :3, :3] = 7
+    msg = r"labels outside \[0, 3\) that are not ignore_index=255: 10 pixels; does model.num"
+    with pytest.raises(ValueError, match=msg):
+        evaluator(variables, batches)
+    assert metrics.outside_count(evaluator.confusion(variables, batches)) == 10
+    # The confusion matrix alone drops those pixels silently, so the metrics looked valid.
+    counts = metrics.to_counts(evaluator.confusion(variables, batches))
+    assert counts.sum() < metrics.to_counts(evaluator.confusion(variables, _eval_batches(0))).sum()
+    assert np.isfinite(clean["miou"])
+
+
+def test_count_outside_matches_numpy():
+    label = np.array([[0, 2, 3, -1], [255, 254, 1, 3]])
+    assert int(metrics.count_outside(jnp.asarray(label), 3)) == 4  # 3, -1, 254, 3
+    assert int(metrics.count_outside(jnp.asarray(label), 3, ignore_index=254)) == 4  # 255
 
 
 # --------------------------------------------------------------------------------------

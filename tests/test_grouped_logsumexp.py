@@ -67,6 +67,8 @@ def test_matches_dense_float64(keyed, tiles_per_chunk):
     rng = np.random.default_rng(7 + keyed + 2 * tiles_per_chunk)
     b, m, d, n_tiles, t, w = 2, 20, 6, 4, 3, 5
     layout = _random_layout(rng, b, m, n_tiles, t, w, used=3, keyed=keyed)
+    layout.col_bias[1, 1] = -np.inf  # a used tile whose rows see no column
+    layout.rows[1, 1, 0] = 0
     emb = rng.normal(size=(b, m, d)).astype(np.float32)
     inv_norm = rng.uniform(0.1, 10, size=(b, m)).astype(np.float32)  # any constant scale
     weights = rng.normal(size=(b, n_tiles, t)).astype(np.float32)
@@ -83,7 +85,20 @@ def test_matches_dense_float64(keyed, tiles_per_chunk):
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
     # Rows without any column and padding rows are exactly 0 and get no gradient.
-    assert np.all(np.asarray(lse)[layout.rows >= m] == 0)
+    present = layout.col_bias != -np.inf  # [b, n_tiles, w]
+    if keyed:
+        seen = layout.row_key[..., None] == layout.col_key[:, :, None, :]
+        has_col = np.any(seen & present[:, :, None, :], axis=-1)
+    else:
+        has_col = np.broadcast_to(np.any(present, axis=-1)[..., None], layout.rows.shape)
+    empty = (layout.rows >= m) | ~has_col
+    assert np.count_nonzero(empty & (layout.rows < m)) > 0, "no row without columns: add one"
+    assert np.all(np.asarray(lse)[empty] == 0)
+    used = np.zeros((b, m), bool)
+    for i in range(b):
+        used[i, layout.rows[i][~empty[i]]] = True
+    assert 0 < used.sum() < b * m
+    assert np.all(np.asarray(grad)[~used] == 0)
 
 
 def test_skipped_chunks_are_not_computed():
@@ -143,3 +158,55 @@ def test_inside_shard_map_with_check_vma(keyed):
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6 * np.abs(want_grad).max())
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_non_finite_inputs_give_nan_rows_and_empty_rows_stay_zero(keyed):
+    """Which rows are empty follows from the layout: a NaN that a row sees (as an inf
+    embedding gives with its inverse norm 1/|e| = 0, as in pne_loss) makes its lse NaN and
+    must not pass for an empty row, while rows without columns stay 0."""
+    m = 6
+    # Tile 0: rows 0 and 1 see columns 3, 4, 5 (keyed: row 1 sees only column 5, whose
+    # key is its own). Tile 1: row 2 sees no column (all biases -inf), then a padding row.
+    rows = np.array([[[0, 1], [2, m]]], np.int32)
+    cols = np.array([[[3, 4, 5], [3, 4, 5]]], np.int32)
+    bias = np.array([[[0.0, 0.5, 1.0], [-np.inf] * 3]], np.float32)
+    row_key = col_key = None
+    if keyed:
+        row_key = np.array([[[0, 1], [0, 0]]], np.int32)
+        col_key = np.array([[[0, 0, 1], [0, 0, 0]]], np.int32)
+    layout = TileLayout(rows, cols, bias, row_key, col_key, np.array([2], np.int32))
+    rng = np.random.default_rng(5)
+    clean = rng.normal(size=(1, m, 4)).astype(np.float32)
+
+    @jax.jit
+    def lse_jit(emb, layout):
+        inv_norm = 1 / jnp.linalg.norm(emb, axis=-1)
+        (lse,) = grouped_logsumexp(emb, inv_norm, (layout,), inv_temp=1.0, tiles_per_chunk=1)
+        return lse
+
+    def lse_of(emb, layout=layout):
+        return np.asarray(lse_jit(emb, layout))
+
+    inv_norm = 1 / np.linalg.norm(clean, axis=-1)
+    _, _, want = _dense(clean, inv_norm, layout, 1.0, np.zeros(rows.shape))
+    np.testing.assert_allclose(lse_of(clean), want, rtol=1e-6)
+    assert np.all(np.isfinite(want[0, 0])) and np.all(want[0, 1] == 0)
+    for bad in (np.nan, np.inf):
+        emb = clean.copy()
+        emb[0, 4, 1] = bad  # column 4: seen by row 0, and by row 1 unless keyed
+        lse = lse_of(emb)
+        assert np.isnan(lse[0, 0, 0]), bad
+        assert np.isnan(lse[0, 0, 1]) != keyed, bad
+        if keyed:
+            np.testing.assert_allclose(lse[0, 0, 1], want[0, 0, 1], rtol=1e-6)
+        np.testing.assert_array_equal(lse[0, 1], [0.0, 0.0])  # empty and padding rows
+        emb[0, 2] = bad  # the empty row's own embedding: it still has nothing to sum
+        assert lse_of(emb)[0, 1, 0] == 0.0
+    # A NaN bias is a present column (a NaN weight), not an absent one: column 5 is seen
+    # by row 1, and by row 0 unless keyed.
+    nan_bias = bias.copy()
+    nan_bias[0, 0, 2] = np.nan
+    lse = lse_of(clean, layout._replace(col_bias=nan_bias))
+    assert np.isnan(lse[0, 0, 1]) and np.isnan(lse[0, 0, 0]) != keyed
+    np.testing.assert_array_equal(lse[0, 1], [0.0, 0.0])

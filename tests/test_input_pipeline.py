@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from pne_jax import augment
 from pne_jax import input_pipeline as ip
+from pne_jax.configs import common
 
 SIZES = [(40, 56), (36, 60), (48, 40), (30, 30)]
 
@@ -31,15 +32,14 @@ def fake_source(n, seed=0):
 
 
 def make_config(global_batch=4, **data):
-    fields = dict(
-        base_size=(56, 40),
-        crop_size=(24, 32),
-        test_size=(64, 40),
-        num_workers=0,
-        seed=3,
-    )
-    fields.update(data)
-    return ml_collections.ConfigDict({"data": fields, "train": {"global_batch_size": global_batch}})
+    """A complete config from common.py's blocks: small sizes, in-process, no dataset name
+    (tests pass source=...). The eval batch is the training one unless a test sets it."""
+    config = ml_collections.ConfigDict()
+    config.data = common.data("", base_size=(56, 40), crop_size=(24, 32), test_size=(64, 40))
+    config.data.update(dict(num_workers=0, seed=3) | data)
+    config.train = common.train(steps=1, global_batch_size=global_batch)
+    config.eval = common.evaluation(config.data, global_batch_size=global_batch)
+    return config
 
 
 def take(iterator, n):
@@ -221,9 +221,61 @@ def test_eval_pad_sizes_default_to_the_largest_and_too_small_raises():
 
 def test_eval_batch_size_from_eval_config():
     config = make_config(eval_pad_size=(48, 64), eval_label_pad_size=(50, 60))
-    config.eval = {"global_batch_size": 6}
+    config.eval.global_batch_size = 6
     batches = list(ip.eval_iterator(config, source=fake_source(7), process_count=1))
     assert [b["mask"].sum() for b in batches] == [6, 1]
+
+
+class CountingSource(list):
+    """A list source that counts the examples read (each one decodes in a real source)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def test_an_eval_dataset_built_once_scans_once_and_gives_the_same_passes():
+    source = CountingSource(fake_source(5))
+    ds = ip.eval_dataset(make_config(), source=source, process_count=1)
+    assert source.reads == 5  # the size scan, once
+    passes = [list(ip.eval_iterator(make_config(), dataset=ds)) for _ in range(2)]
+    assert source.reads == 5 + 2 * 5  # each pass reads each example once, no new scan
+    for a, b in zip(*passes, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    with pytest.raises(ValueError, match="either dataset= or source"):
+        ip.eval_iterator(make_config(), dataset=ds, source=source)
+
+
+def test_portrait_and_landscape_coco_images_fit_the_coco_config():
+    """COCO-Stuff's config padded images to (512, 2048): a portrait 640 x 480 image, resized
+    to fit (2048, 512), is 683 x 512 and did not fit. The pads now hold both orientations."""
+    rng = np.random.default_rng(0)
+    source = []
+    for h, w in [(640, 480), (480, 640), (427, 640)]:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        source.append({"image": image, "label": np.zeros((h, w), np.uint8)})
+    config = make_config(global_batch=3)
+    config.data = common.coco_stuff()
+    config.data.num_workers = 0
+    (batch,) = ip.eval_iterator(config, source=source, process_count=1)
+    assert [tuple(s) for s in batch["image_size"]] == [(683, 512), (512, 683), (512, 767)]
+    assert batch["image"].shape[1:3] == (683, 767) and batch["label"].shape[1:] == (640, 640)
+
+
+def test_missing_fields_name_the_field_and_where_a_complete_block_comes_from():
+    config = make_config()
+    del config.data["test_size"]
+    with pytest.raises(ValueError, match=r"config.data.test_size is missing.*common.data\("):
+        ip.eval_dataset(config, source=fake_source(2), process_count=1)
+    config = make_config()
+    del config["eval"]  # the eval batch no longer falls back to the training one
+    with pytest.raises(ValueError, match=r"config.eval.global_batch_size .*evaluation\("):
+        ip.eval_dataset(config, source=fake_source(2), process_count=1)
+    with pytest.raises(ValueError, match=r"config.data.name is missing"):
+        ip.open_source(ml_collections.ConfigDict({"train": {}}), "train")
 
 
 def test_open_source_needs_a_name():
@@ -284,3 +336,27 @@ def test_prepared_synthetic_set_end_to_end(synthetic_config):
     tf = pytest.importorskip("tensorflow")
     ip.hide_accelerators_from_tf()
     assert not tf.config.get_visible_devices("GPU") and not tf.config.get_visible_devices("TPU")
+
+
+def test_scanned_eval_sizes_are_cached_beside_the_prepared_data(synthetic_config, monkeypatch):
+    config = synthetic_config
+    path = ip.eval_sizes_cache_path(config)
+    assert path.startswith(config.data.data_dir)
+    if os.path.exists(path):
+        os.remove(path)
+    first = ip.eval_dataset(config, process_count=1)[0]
+    assert os.path.exists(path)
+
+    def no_scan(*args):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(ip, "scan_eval_sizes", no_scan)
+    second = ip.eval_dataset(config, process_count=1)[0]
+    assert second["image"].shape == first["image"].shape == (4, 64, 128, 3)
+    assert second["label"].shape == first["label"].shape
+    # A folder that cannot be written: scanned sizes still come back, a warning says so.
+    monkeypatch.undo()
+    blocked = os.path.join(config.data.data_dir, "not_a_folder")
+    open(blocked, "w").close()
+    sizes = ip.eval_pad_sizes(config, fake_source(3), os.path.join(blocked, "sizes.json"))
+    assert sizes == ip.scan_eval_sizes(fake_source(3), config.data.test_size)

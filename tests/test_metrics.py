@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pne_jax.metrics import Confusion, accumulate, confusion_matrix, segmentation_metrics, to_counts
+from pne_jax.metrics import (
+    Confusion,
+    accumulate,
+    confusion_matrix,
+    outside_count,
+    segmentation_metrics,
+    to_counts,
+)
 
 
 def test_confusion_matrix_matches_numpy_counting():
@@ -65,3 +72,16 @@ def test_class_names_and_bad_shapes():
         segmentation_metrics(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 3), int), 2)
+
+
+def test_outside_count_accumulates_exactly_and_zeros_take_a_sharding():
+    total = Confusion.zeros(2)
+    add = jax.jit(accumulate)
+    for _ in range(3):  # 3 * (2**31 - 1) > 2**32
+        total = add(total, jnp.zeros((2, 2), jnp.int32), jnp.int32(2**31 - 1))
+    assert outside_count(total) == 3 * (2**31 - 1)
+    assert outside_count(accumulate(Confusion.zeros(2), jnp.zeros((2, 2), jnp.int32))) == 0
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placed = Confusion.zeros(3, replicated)
+    assert all(x.sharding == replicated and x.committed for x in placed)

@@ -187,6 +187,20 @@ def test_console_command_help_and_bad_configs(user):
     assert "also works" in bad.stderr and "Traceback" not in bad.stderr
     missing = user([script, "eval", "--config=mine/run.py"], check=False)
     assert missing.returncode != 0 and "config file mine/run.py does not exist" in missing.stderr
+    typo = user([script, "train", "--config=demo", "--config.train.nosuchkey=3"], check=False)
+    assert typo.returncode != 0 and "Traceback" not in typo.stderr
+    assert "--config.train.nosuchkey=3: config.train has no field 'nosuchkey'" in typo.stderr
+    # Refused before anything is built, every problem named, one line, no traceback.
+    values = ["--config.train.steps=-5", "--config.data.crop_size=(128,)"]
+    values += ["--config.model.num_classes=5", f"--workdir={user.work}/bad"]
+    bad = user([script, "train", "--config=demo", *values], check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr
+    for text in (
+        "config.train.steps=-5: must be a positive",
+        "config.data.crop_size=(128,)",
+        "config.model.num_classes=5 but dataset 'synthetic' has 10 classes",
+    ):
+        assert text in bad.stderr, bad.stderr
 
 
 def test_prepare_train_evaluate_predict_from_the_install(user, tmp_path):
@@ -200,7 +214,7 @@ def test_prepare_train_evaluate_predict_from_the_install(user, tmp_path):
     assert "validation mIoU" in trained.stdout
     assert (workdir / "metrics.jsonl").exists() and (workdir / "checkpoints" / "2").is_dir()
     evaluated = user([*python_m, "eval", *common, *overrides])
-    assert "step 2: mIoU" in evaluated.stdout and (workdir / "eval_2.json").exists()
+    assert "eval  step    mIoU" in evaluated.stdout and (workdir / "eval_2.json").exists()
 
     images = tmp_path / "images"
     images.mkdir()

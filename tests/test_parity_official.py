@@ -7,6 +7,7 @@ the environment variable PNE_OFFICIAL_REPO; nothing of it is stored here.
 from __future__ import annotations
 
 import os
+import zlib
 
 import jax
 import numpy as np
@@ -44,7 +45,7 @@ CASES = [
 def test_matches_official_value_and_gradient(official_repo, shape, options, scenario):
     from benchmarks.official_pne import make_official_loss, official_pne_loss
 
-    rng = np.random.default_rng(hash(scenario) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(scenario.encode()))  # not hash(): replayable
     for _ in range(3):
         logits, labels, emb = random_case(rng, *shape, scenario=scenario)
         official = make_official_loss(official_repo, **options)

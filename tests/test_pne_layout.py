@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from pne_jax import pne_loss
 from pne_jax.losses import pne_batch_stats
-from pne_jax.losses.pne_layout import layout_sizes, predict, stable_order
+from pne_jax.losses.pne_layout import image_layout, layout_sizes, predict, stable_order
 from tests.pne_reference import pne_reference
 
 
@@ -82,6 +84,8 @@ def test_every_pixel_an_anchor_is_exact(fallback, num_samples):
     stats = pne_batch_stats(logits, labels, emb, num_samples=num_samples)
     want, want_grad, ref = pne_reference(logits, labels, emb, num_samples=num_samples)
     assert int(stats.num_pairs[0]) == ref["num_pairs"] >= 24
+    if not fallback:  # all 56 misclassified pixels are anchors, one per pair
+        assert int(stats.num_pairs[0]) == int(stats.num_anchors[0]) == ref["num_anchors"] == 56
     value, grad = jax.value_and_grad(
         lambda e: pne_loss(logits, labels, e, num_samples=num_samples)
     )(emb)
@@ -100,6 +104,24 @@ def test_fallback_pairs_spanning_tile_boundaries():
     pred[0, 0, 25:] = 0  # every 2 predicted 0
     logits = jnp.asarray(np.eye(3, dtype=np.float32)[pred] * 3)
     emb = np.random.default_rng(2).normal(size=(1, 1, 40, 8)).astype(np.float32)
+    # With S = 8 (8-row tiles) the fallback rows are pixels 2-7, then 12-19: the second
+    # pair fills the last 2 rows of tile 0 and the first 6 of tile 1.
+    sizes = layout_sizes(40, 3, 8, (0, 199), None)
+    layout = jax.jit(
+        functools.partial(
+            image_layout,
+            num_samples=8,
+            gate=(0, 199),
+            positive_weighting=True,
+            ignore_index=255,
+            max_pairs_per_image=None,
+            sizes=sizes,
+        )
+    )(logits.reshape(40, 3), labels.reshape(40))
+    fb_rows = np.asarray(layout.fallback.rows)
+    assert sizes.tile_rows == 8
+    np.testing.assert_array_equal(fb_rows[0], [2, 3, 4, 5, 6, 7, 12, 13])
+    np.testing.assert_array_equal(fb_rows[1, :6], [14, 15, 16, 17, 18, 19])
     for s in (8, 5, 16):
         want, want_grad, ref = pne_reference(logits, labels, emb, num_samples=s)
         assert ref["num_pairs"] == 2  # (0, 2) has no positives: class 2 is never correct

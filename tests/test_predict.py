@@ -9,6 +9,7 @@ import fnmatch
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -17,8 +18,10 @@ from PIL import Image
 
 from pne_jax import evaluate, input_pipeline, predict, train, visualize
 from pne_jax.configs import demo
+from pne_jax.datasets.images import UnsupportedImageError
 from pne_jax.models import build_model
 from tests import compilation_cache
+from tests.test_datasets import grey16_gradient, high_byte, palette_with_alpha, png16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_VALIDATION = 4
@@ -177,6 +180,59 @@ def test_cityscapes_submission(trained, predicted, tmp_path):
         # truth's `<city>_<seq>_<frame>*.png`.
         pattern = f"frankfurt_000000_{i:06d}*.png"
         assert fnmatch.filter(files, pattern) == [_name(i)]
+
+
+def test_read_image_converts_modes_by_the_preparation_rule(tmp_path):
+    """16-bit greyscale: v >> 8 (not white), as the same picture in a 48-bit RGB PNG reads;
+    RGBA, LA and palette-with-alpha: alpha dropped, colours kept; float: refused."""
+    rng = np.random.default_rng(0)
+    gradient = grey16_gradient(16, 32)
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(gradient).save(grey16)
+    rgb48 = tmp_path / "rgb48.png"
+    rgb48.write_bytes(png16(np.repeat(gradient[..., None], 3, -1)))
+    image = predict.read_image(str(grey16))
+    assert image.dtype == np.uint8 and image.shape == (16, 32, 3)
+    np.testing.assert_array_equal(image, np.repeat(high_byte(gradient)[..., None], 3, -1))
+    assert image.min() == 0 and image.max() == 255 and len(np.unique(image)) == 256
+    np.testing.assert_array_equal(predict.read_image(str(rgb48)), image)
+
+    rgba = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    la = rng.integers(0, 256, (5, 6, 2), dtype=np.uint8)
+    p_bytes, p_rgb = palette_with_alpha(rng, 5, 6)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    (tmp_path / "p.png").write_bytes(p_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns on a palette with alpha converted directly
+        np.testing.assert_array_equal(predict.read_image(str(tmp_path / "p.png")), p_rgb)
+    np.testing.assert_array_equal(predict.read_image(str(tmp_path / "rgba.png")), rgba[..., :3])
+    want_la = np.repeat(la[..., :1], 3, -1)
+    np.testing.assert_array_equal(predict.read_image(str(tmp_path / "la.png")), want_la)
+
+    floats = str(tmp_path / "float.tif")
+    Image.fromarray(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4), "F").save(floats)
+    with pytest.raises(UnsupportedImageError) as err:
+        predict.read_image(floats)
+    assert str(err.value).startswith(f"{floats} has image mode 'F' (32-bit float)")
+    assert "convert the file to 8-bit RGB" in str(err.value)
+
+
+def test_batch_size_is_the_evaluation_one():
+    config = demo.get_config()
+    config.eval.global_batch_size = 8
+    assert predict.prediction_batch_size(config, 20) == 8
+    assert predict.prediction_batch_size(config, 3) == 3  # capped at the number of images
+    assert predict.prediction_batch_size(config, 3, batch_size=5) == 5  # asked for: as asked
+    with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
+        predict.prediction_batch_size(config, 3, batch_size=0)
+    del config.eval["global_batch_size"]
+    with pytest.raises(ValueError, match=r"^config\.eval\.global_batch_size is not set"):
+        predict.prediction_batch_size(config, 3)
+    # predict_images refuses such a config before it reads (or fails on) any image.
+    with pytest.raises(ValueError, match=r"config\.eval\.global_batch_size is not set"):
+        predict.predict_images(config, None, ["/nonexistent/a.png"], "/nonexistent/out")
+    assert predict.prediction_batch_size(config, 3, batch_size=2) == 2
 
 
 def test_glob_matching_nothing_names_the_glob(tmp_path):

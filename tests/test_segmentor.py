@@ -68,11 +68,6 @@ def _model(**config):
     return build_model(ml_collections.ConfigDict(config))
 
 
-def _needs(backbone):
-    if backbone not in BACKBONES:
-        pytest.skip(f"backbone {backbone} not registered yet")
-
-
 def _random_variables(model, x, seed=0):
     """Variables shaped as `model.init` gives them: kernels N(0, 1/fan_in), BN scale ~1,
     biases and running means small, running variances in [0.5, 1.5]."""
@@ -94,10 +89,20 @@ def _random_variables(model, x, seed=0):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def test_every_backbone_of_the_paper_and_the_tests_is_registered():
+    # A dropped backbone must fail here (and in the tests below), never be skipped.
+    expected = {"resnet50_v1c", "resnet101_v1c", "hrnetv2_w18", "hrnetv2_w48"}
+    expected |= {"swin_tiny", "swin_base"}
+    used = {config["backbone"] for config, *_ in PAPER_MODELS.values()}
+    used |= {config["backbone"] for config in BF16_MODELS.values()}
+    assert used == expected
+    missing = expected - set(BACKBONES)
+    assert not missing, f"backbones not registered: {sorted(missing)}"
+
+
 @pytest.mark.parametrize("name", list(PAPER_MODELS))
 def test_paper_models_output_shapes(name):
     config, (h, w), stride, aux_stride = PAPER_MODELS[name]
-    _needs(config["backbone"])
     model = _model(**config)
     x = jax.ShapeDtypeStruct((2, h, w, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
@@ -129,7 +134,6 @@ def test_paper_models_output_shapes(name):
 )
 def test_parameter_counts_match_the_papers(name, millions, tolerance):
     config = dict(PAPER_MODELS[name][0], projection=False)
-    _needs(config["backbone"])
     model = _model(**config)
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
@@ -206,7 +210,6 @@ def test_bf16_forward_agrees_with_float32(name):
     # |bf16 - f32| / |f32| <= 3e-2 for every output (bf16 keeps 8 mantissa bits; measured
     # 0.7-1.5%, the most for OCRNet, whose softmax over pixels amplifies logit errors).
     config = BF16_MODELS[name]
-    _needs(config["backbone"])
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     f32, bf16 = _model(**config), _model(**config, dtype="bfloat16")
     variables = _random_variables(f32, x)

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.train.steps=12",
     "--config.train.log_every=1",
-    "--config.train.checkpoint_every=4",
+    "--config.train.checkpoint_every=5",
     "--config.train.eval_every=1000",
     "--config.data.num_workers=0",
     "--config.data.crop_size=(64, 64)",
@@ -59,22 +59,38 @@ def _batch(rng, n, size=64, classes=10):
 # In process
 
 
-def test_sharded_steps_equal_single_device():
-    """A few train steps with PNE on a batch sharded over 8 devices equal 1 device."""
-    config = _tiny_config()
-    model = build_model(config.model)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    tx, schedule = optim.build_optimizer(config, abstract["params"])
-    batches = [_batch(np.random.default_rng(i), 8) for i in range(3)]
-    runs = []
-    for devices in (jax.devices()[:1], jax.devices()[:8]):
-        mesh = train.make_mesh(devices)
-        state = train.init_state(model, tx, config, mesh)
-        step = jax.jit(
-            train.make_train_step(model, tx, schedule, config),
+class _Trainer:
+    """The tiny config's model, optimizer and a jitted step on `devices` (compiled once per
+    batch shape and shared by the tests of this module)."""
+
+    def __init__(self, devices):
+        self.config = config = _tiny_config()
+        self.model = build_model(config.model)
+        image = jnp.zeros((1, 64, 64, 3))
+        abstract = jax.eval_shape(lambda: self.model.init(jax.random.key(0), image))
+        self.tx, schedule = optim.build_optimizer(config, abstract["params"])
+        self.mesh = mesh = train.make_mesh(devices)
+        self.step = jax.jit(
+            train.make_train_step(self.model, self.tx, schedule, config),
             in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
             out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P())),
         )
+
+    def init(self):
+        return train.init_state(self.model, self.tx, self.config, self.mesh)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return _Trainer(jax.devices()[:1])
+
+
+def test_sharded_steps_equal_single_device(one_device):
+    """A few train steps with PNE on a batch sharded over 8 devices equal 1 device."""
+    batches = [_batch(np.random.default_rng(i), 8) for i in range(3)]
+    runs = []
+    for trainer in (one_device, _Trainer(jax.devices()[:8])):
+        mesh, step, state = trainer.mesh, trainer.step, trainer.init()
         history = []
         for batch in batches:
             placed = jax.device_put(batch, NamedSharding(mesh, P("data")))
@@ -173,18 +189,48 @@ def test_loss_parts_feed_the_reference_inputs():
         np.testing.assert_allclose(got, want, atol=1e-6 * float(np.max(np.abs(want))), err_msg=key)
 
 
-def test_non_finite_loss_names_step_and_part():
-    state = train.TrainState(
+def _state_with(bad_step, bad_parts):
+    return train.TrainState(
         step=jnp.int32(9),
         params={},
         batch_stats={},
         opt_state=(),
         rng=jnp.zeros(2, jnp.uint32),
-        bad_step=jnp.int32(6),
-        bad_parts=jnp.int32(0b100),
+        bad_step=jnp.int32(bad_step),
+        bad_parts=jnp.int32(bad_parts),
     )
+
+
+def test_non_finite_loss_names_step_and_part():
     with pytest.raises(FloatingPointError, match="non-finite loss at step 7 in pne"):
-        train.check_finite(state)
+        train.check_health(_state_with(6, 0b100), 10)
+    with pytest.raises(ValueError, match="step 3 has labels outside \\[0, 10\\)"):
+        train.check_health(_state_with(2, 0b1001), 10)  # the labels are named first
+    train.check_health(_state_with(-1, 0), 10)
+
+
+def test_a_nan_image_and_labels_beyond_the_classes_stop_the_run_at_their_step(one_device):
+    """The step records the first bad step on device; the checks name it and the cause."""
+    good = _batch(np.random.default_rng(0), 8)
+    nan_image = {"image": good["image"].copy(), "label": good["label"]}
+    nan_image["image"][3, 10, 20, 1] = np.nan
+    beyond = {"image": good["image"], "label": good["label"].copy()}
+    beyond["label"][5, :2, :2] = 10  # the tiny config has 10 classes: 0..9 (and 255)
+    below = {"image": good["image"], "label": good["label"].copy()}
+    below["label"][0, 0, 0] = -1
+    sharding = NamedSharding(one_device.mesh, P("data"))
+    after_one, _ = one_device.step(one_device.init(), jax.device_put(good, sharding))
+    for bad, error, match in (
+        (nan_image, FloatingPointError, "non-finite loss at step 2 in ce, aux, pne"),
+        (beyond, ValueError, "step 2 has labels outside \\[0, 10\\)"),
+        (below, ValueError, "step 2 has labels outside"),
+    ):
+        state = after_one  # the step does not donate its input here: reused
+        for batch in (bad, good):
+            state, _ = one_device.step(state, jax.device_put(batch, sharding))
+        assert int(state.step) == 3 and int(state.bad_step) == 1
+        with pytest.raises(error, match=match):
+            train.check_health(state, 10)
 
 
 def test_batch_not_divisible_by_devices():
@@ -317,17 +363,17 @@ def _wait_for_step(process, workdir, step, timeout=300, committed_checkpoint=Non
     """Waits until `step` is logged and, if given, checkpoint `committed_checkpoint` is on disk.
 
     Saves are asynchronous: on a loaded machine a checkpoint can still be in flight several
-    steps after it was started, so a test that kills the run must wait for the commit (orbax
-    renames the temporary directory to the bare step number when the save is complete).
+    steps after it was started, so a test that kills the run must wait for the commit and its
+    manifest (written right after orbax renames the temporary directory to the step number).
     """
     path = os.path.join(workdir, "metrics.jsonl")
-    ckpt = os.path.join(workdir, "checkpoints", str(committed_checkpoint))
+    ckpt = os.path.join(workdir, "checkpoints", str(committed_checkpoint), checkpoint.MANIFEST)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"training ended early with code {process.returncode}")
         logged = os.path.exists(path) and any(r["step"] >= step for r in _records(workdir))
-        if logged and (committed_checkpoint is None or os.path.isdir(ckpt)):
+        if logged and (committed_checkpoint is None or os.path.isfile(ckpt)):
             return
         time.sleep(0.2)
     raise AssertionError(
@@ -335,20 +381,42 @@ def _wait_for_step(process, workdir, step, timeout=300, committed_checkpoint=Non
     )
 
 
+def _damage_latest_checkpoint(workdir):
+    """Overwrites bytes in the middle of the largest array file of the newest committed
+    checkpoint (same size, as a bad disk or a half-copied folder would); returns its step."""
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ckpt.latest_step()
+    ckpt.close()
+    state = os.path.join(workdir, "checkpoints", str(step), "state")
+    files = [os.path.join(d, f) for d, _, names in os.walk(state) for f in names]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        f.write(b"\xde\xad\xbe\xef" * 16)
+    return step
+
+
 def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, uninterrupted):
+    """Killed mid-interval, with its newest checkpoint then damaged: the restart reports
+    it, moves it aside, resumes from the newest intact one (or the start) and ends
+    bit-identical to the uninterrupted run, with one metrics record per step."""
     workdir = str(tmp_path / "killed")
     process = subprocess.Popen(_command(workdir, data_dir), env=_env(), cwd=ROOT)
-    _wait_for_step(process, workdir, 7, committed_checkpoint=4)  # mid-interval
+    _wait_for_step(process, workdir, 7, committed_checkpoint=5)  # mid-interval
     process.send_signal(signal.SIGKILL)
     process.wait()
-    subprocess.run(_command(workdir, data_dir), env=_env(), cwd=ROOT, check=True, timeout=600)
+    damaged = _damage_latest_checkpoint(workdir)
+    rerun = subprocess.run(
+        _command(workdir, data_dir), env=_env(), cwd=ROOT, timeout=600, capture_output=True
+    )
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    console = (rerun.stdout + rerun.stderr).decode()
+    warnings = [line for line in console.splitlines() if f"step {damaged} " in line]
+    assert len(warnings) == 1 and "damaged" in warnings[0], console
+    assert os.listdir(os.path.join(workdir, checkpoint.DAMAGED_DIR)) == [str(damaged)]
     want = {r["step"]: r for r in _records(uninterrupted)}
     records = _records(workdir)
-    steps = [r["step"] for r in records]
-    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    # The restart resumed from a committed checkpoint (4 or 8), not from scratch.
-    assert all(steps[i] in (5, 9) for i in restarts) and steps[-1] == 12, steps
-    assert sorted(set(steps)) == list(range(1, 13)), steps
+    assert [r["step"] for r in records] == list(range(1, 13))
     for record in records:  # before the kill and after the restart alike
         for key, value in record.items():
             if not key.endswith("images_per_second"):
@@ -358,7 +426,33 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, uninterrupted
     )
 
 
+def test_train_mode_saves_the_last_step(uninterrupted):
+    """12 steps with checkpoint_every=5: 5, 10 and the last one, 12."""
+    ckpt = checkpoint.Checkpointer(os.path.join(uninterrupted, "checkpoints"))
+    steps = ckpt.all_steps()
+    ckpt.close()
+    assert sorted(steps) == [5, 10, 12]
+
+
+# Lines a clean console must not have: library notices, absl's prefixes, duplicates.
+NOISE = (
+    "oneDNN",
+    "absl",
+    "WARNING:",
+    "Unable to initialize backend",
+    "resource_tracker",
+    "leaked",
+    "I0000",
+    "W0000",
+    "tensorflow/core",
+    "Using custom data configuration",
+)
+
+
 def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_dir, uninterrupted):
+    """SIGTERM saves the step it stopped at; the resumed run (here with checkpoint_every
+    beyond the run, and evaluating) still saves its last step, and its console is the
+    report alone: one line per step, the evaluation's table, no library noise."""
     workdir = str(tmp_path / "preempted")
     process = subprocess.Popen(_command(workdir, data_dir), env=_env(), cwd=ROOT)
     _wait_for_step(process, workdir, 6)
@@ -369,12 +463,23 @@ def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_dir, uninterr
     saved.close()
     last_logged = _records(workdir)[-1]["step"]
     assert step == last_logged >= 6, "a checkpoint of the step it stopped at"
-    subprocess.run(_command(workdir, data_dir), env=_env(), cwd=ROOT, check=True, timeout=600)
-    steps = [r["step"] for r in _records(workdir)]
+    command = _command(workdir, data_dir, "--config.train.checkpoint_every=100")
+    command[command.index("--mode=train")] = "--mode=train_and_eval"
+    quiet = {k: v for k, v in _env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    rerun = subprocess.run(command, env=quiet, cwd=ROOT, timeout=600, capture_output=True)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    steps = [r["step"] for r in _records(workdir) if "train/loss" in r]
     assert steps == list(range(1, 13)), "resumed right after the saved step"
     jax.tree.map(
         np.testing.assert_array_equal, _final_params(workdir, 12), _final_params(uninterrupted, 12)
     )
+    lines = (rerun.stdout + rerun.stderr).decode().splitlines()
+    assert [line for line in lines if any(n in line for n in NOISE)] == [], lines
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == [f"{i}/12" for i in range(step + 1, 13)]
+    assert any(line.startswith("eval  step") for line in lines), lines
+    assert len(lines) == len(set(lines)), lines
+    assert os.path.exists(os.path.join(workdir, "run.log"))
 
 
 def _free_port():

@@ -20,7 +20,7 @@ import pkgutil
 
 import ml_collections
 
-NOT_EXPERIMENTS = ("common",)
+NOT_EXPERIMENTS = ("common", "validation")
 
 
 def names() -> tuple[str, ...]:

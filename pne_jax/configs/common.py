@@ -4,6 +4,10 @@ Each experiment file calls `experiment(...)` with its dataset, model and schedul
 every field is named after what it does and can be overridden on the command line
 (`--config.train.steps=100`). Defaults follow MMSegmentation 0.13's configs, which the
 paper's code uses.
+
+This module is the one place for every default: `input_pipeline`, `augment.TrainAugment` and
+`evaluate.eval_options` read the fields and have none of their own, so a config built by hand
+must have every field of `data(...)` and `evaluation(...)` (build them here, then override).
 """
 
 from __future__ import annotations
@@ -114,7 +118,15 @@ def data(
 ) -> ml_collections.ConfigDict:
     """A prepared dataset and MMSegmentation's standard pipeline (rescale 0.5-2.0, crop with
     cat_max_ratio 0.75, flip, photometric distortion). Sizes: base/test (long, short edge),
-    crop and pads (height, width)."""
+    crop and pads (height, width).
+
+    Evaluation batches have one static shape: images (resized to fit `test_size`) are padded
+    to `eval_pad_size`, labels (original resolution) to `eval_label_pad_size`. A pad size
+    must hold every image of the split in either orientation. Left None, it is the split's
+    largest (h, w), found by `input_pipeline.scan_eval_sizes` on first use and cached in the
+    prepared data's folder (`input_pipeline.eval_sizes_cache_path`), so a split is scanned
+    once, not per run or per evaluation.
+    """
     return ml_collections.ConfigDict(
         dict(
             name=name,
@@ -141,6 +153,7 @@ def data(
 
 
 def cityscapes(crop_size=(512, 1024)) -> ml_collections.ConfigDict:
+    """Every Cityscapes image is 1024 x 2048, the test scale: fixed pads, no scan."""
     return data(
         "cityscapes",
         base_size=(2048, 1024),
@@ -152,18 +165,25 @@ def cityscapes(crop_size=(512, 1024)) -> ml_collections.ConfigDict:
 
 
 def ade20k() -> ml_collections.ConfigDict:
-    # Validation sizes vary: the pipeline scans the split once for its pad sizes.
+    """ADE20K's validation images have many sizes, landscape and portrait: resized to fit
+    (2048, 512), a landscape image is 512 high and up to 2048 wide, a portrait one the
+    transpose, and the labels' original sizes have no published bound. The only fixed image
+    pad that holds both orientations is (2048, 2048), 16x the pixels of a 512 x 512 image in
+    whole mode, so both pads are the split's largest sizes, scanned once and cached."""
     return data("ade20k", base_size=(2048, 512), crop_size=(512, 512), test_size=(2048, 512))
 
 
 def coco_stuff() -> ml_collections.ConfigDict:
-    # COCO images are at most 640 px on a side.
+    """COCO images are at most 640 px on a side, hence the label pad (640, 640). Resized to
+    fit (2048, 512), their short edge becomes 512 and the long one 512 x the aspect ratio:
+    a portrait 640 x 480 image becomes 683 x 512, so the image pad (512, 2048) that held
+    only landscape images is wrong, and a fixed one for both orientations would be
+    (2048, 2048); the image pad is the split's largest size, scanned once and cached."""
     return data(
         "coco_stuff164k",
         base_size=(2048, 512),
         crop_size=(512, 512),
         test_size=(2048, 512),
-        eval_pad_size=(512, 2048),
         eval_label_pad_size=(640, 640),
     )
 

@@ -134,7 +134,9 @@ def tf_dataset(
 @tfds.decode.make_decoder()
 def _decode_image(data: tf.Tensor, feature: tfds.features.Image) -> tf.Tensor:
     """uint8 [H, W, 3] from JPEG or PNG bytes, pixel for pixel as PIL (and `data_source`)
-    decodes them: TensorFlow's default JPEG IDCT is the fast, inexact one (off by up to 4)."""
+    decodes them: TensorFlow's default JPEG IDCT is the fast, inexact one (off by up to 4).
+    Stored PNGs are 8-bit RGB or greyscale (`semseg.read_image` converts any other image by
+    `images.to_rgb` before storing it), so `decode_png` never has to reduce 16-bit samples."""
     del feature
     image = tf.cond(
         tf.io.is_jpeg(data),

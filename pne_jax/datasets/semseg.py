@@ -2,8 +2,11 @@
 
 Examples are `{"image": uint8 [H, W, 3], "label": uint8 [H, W] train ids (255 = ignore),
 "name": source file stem}`, stored as ArrayRecord so that `tfds.data_source` (and grain) can
-index them. Source images are stored as their original bytes where possible (PNG stays PNG,
-JPEG stays JPEG: no second lossy encoding); labels are mapped and stored as PNG.
+index them. Source images are stored as their original bytes where possible (8-bit RGB or
+greyscale PNG stays PNG, JPEG stays JPEG: no second lossy encoding); any other image (16 bit,
+palette, alpha, CMYK, ...) is converted by `images.to_rgb`'s rule, the one prediction uses,
+and stored as 8-bit RGB PNG, so every stored image decodes alike in PIL and TensorFlow.
+Labels are read by `images.to_label` (8 or 16 bit, values 0..255), mapped and stored as PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tqdm
 from absl import logging
 from PIL import Image
 
+from pne_jax.datasets.images import UnsupportedImageError, to_label, to_rgb
 from pne_jax.datasets.labels import IGNORE_INDEX, DatasetMeta, LabelMapping
 from pne_jax.datasets.manual import (
     Archive,
@@ -79,36 +83,59 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    """The bit depth per sample in a PNG's header (1, 2, 4, 8 or 16); None if not a PNG."""
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 25:
+        return None
+    return data[24]
+
+
+def _keep_source_bytes(img: Image.Image, data: bytes) -> bool:
+    """Whether `data` may be stored as it is: a JPEG or an 8-bit PNG in RGB or greyscale,
+    which PIL and TensorFlow's decoders both expand to the same uint8 RGB."""
+    if img.mode not in ("RGB", "L"):
+        return False
+    return img.format == "JPEG" or (img.format == "PNG" and _png_bit_depth(data) == 8)
+
+
 def read_image(src: SourceFile) -> tuple[bytes, tuple[int, int]]:
     """Checks that `src` is a complete, decodable image; returns bytes to store and (H, W).
 
-    RGB or greyscale PNG/JPEG bytes are kept as they are (decoders expand grey to RGB);
-    anything else (CMYK, palette, alpha, 16 bit) is converted to RGB and stored as PNG.
+    JPEG and 8-bit PNG bytes in RGB or greyscale are kept as they are (decoders expand grey
+    to RGB); anything else (16 bit, palette, alpha, CMYK, ...) is converted by
+    `images.to_rgb` and stored as 8-bit RGB PNG. A mode it refuses (float, 32-bit integers
+    beyond 16 bits) raises `BadSourceFileError` naming the file.
     """
     data = src.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes everything: a truncated or corrupt file raises here
             size = (img.height, img.width)
-            if img.format in ("PNG", "JPEG") and img.mode in ("RGB", "L"):
+            if _keep_source_bytes(img, data):
                 return data, size
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = to_rgb(img, where=f"image {src}")
+    except UnsupportedImageError as e:
+        raise BadSourceFileError(str(e)) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSourceFileError(f"corrupt or unreadable image {src}: {e}") from e
     return encode_png(rgb), size
 
 
 def read_label(src: SourceFile, mapping: LabelMapping) -> np.ndarray:
-    """Decodes a raw label PNG and maps it to train ids; unknown raw values are an error."""
+    """Decodes a raw label PNG (8 or 16 bit, values 0..255, by `images.to_label`) and maps it
+    to train ids; unknown raw values are an error."""
     data = src.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            mode, raw = img.mode, np.asarray(img)
+            raw = to_label(img, where=f"label {src}")
+    except UnsupportedImageError as e:
+        raise BadSourceFileError(str(e)) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSourceFileError(f"corrupt or unreadable label {src}: {e}") from e
-    if mode not in ("L", "P"):
-        raise BadSourceFileError(f"label {src} has image mode {mode}; expected 8-bit, 1 channel")
     unknown = mapping.unknown_values(raw)
     if unknown:
         raise BadSourceFileError(
@@ -309,8 +336,11 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(split, v) for split, v in items.items()}
 
     def _generate_examples(self, split: str, items: Sequence[Any]) -> Iterator[tuple[int, Example]]:
-        """Loads items on worker threads, yielding them in order with a progress bar."""
-        bar = tqdm.tqdm(total=len(items), desc=f"{self.name} {split}", unit=" ex", mininterval=1)
+        """Loads items on worker threads, yielding them in order with a progress bar (on a
+        terminal only: logs and CI output keep the one summary line)."""
+        bar = tqdm.tqdm(
+            total=len(items), desc=f"{self.name} {split}", unit=" ex", mininterval=1, disable=None
+        )
         pending: collections.deque[concurrent.futures.Future[Example]] = collections.deque()
         ahead = 4 * self.NUM_WORKERS  # bounded, so memory stays flat on large splits
         it = iter(items)

@@ -10,7 +10,10 @@ For every layout, image b, tile t and row r:
     lse[b, t, r] = logsumexp_w( cos(e[rows[b,t,r]], e[cols[b,t,w]]) * inv_temp + col_bias[b,t,w] )
 
 over the columns with `col_key == row_key` (all of them when the keys are None), where
-`cos` uses the given inverse norms. Padding rows and rows with no column give 0. Tiles
+`cos` uses the given inverse norms. Padding rows and rows with no column give 0; which
+rows those are follows from the layout, not from the values, so a NaN that a row sees
+(a NaN bias, a NaN embedding, or an inf one with its inverse norm 1/inf = 0) makes its
+lse NaN instead of passing for an empty row. Tiles
 are visited in chunks by a `fori_loop` that stops after the last used tile of the batch,
 so the cost follows the pairs actually present rather than the static bound.
 
@@ -82,12 +85,27 @@ def _chunk_logits(emb, inv_norm, tiles: TileLayout, inv_temp):
     return s, x
 
 
+def _has_column(emb, tiles: TileLayout):
+    """[q, T] bool: the row is a pixel and sees at least one column.
+
+    Decided from the layout alone (a column is absent only where its bias is -inf or its
+    key differs), never from the values: a NaN similarity must give a NaN lse, not pass
+    for an empty row.
+    """
+    present = tiles.col_bias != -jnp.inf  # [q, W]; a NaN bias is a present column
+    if tiles.row_key is None:
+        seen = jnp.any(present, axis=-1)[:, None]
+    else:
+        same = tiles.row_key[:, :, None] == tiles.col_key[:, None, :]
+        seen = jnp.any(same & present[:, None, :], axis=-1)
+    return seen & (tiles.rows < emb.shape[0])
+
+
 def _chunk_lse(emb, inv_norm, tiles: TileLayout, inv_temp):
     """One image, one chunk: lse [q, T], 0 for padding rows and rows without columns."""
     s, _ = _chunk_logits(emb, inv_norm, tiles, inv_temp)
     lse = jax.nn.logsumexp(s, axis=-1)
-    has_col = jnp.isfinite(lse) & (tiles.rows < emb.shape[0])
-    return jnp.where(has_col, lse, 0.0)
+    return jnp.where(_has_column(emb, tiles), lse, 0.0)
 
 
 def _chunk_grad(grad, emb, inv_norm, tiles: TileLayout, lse, g, inv_temp):
@@ -181,7 +199,7 @@ def grouped_logsumexp(
 
     Returns:
       One [B, n_tiles, T] float32 array per layout; 0 for padding rows and rows that see
-      no column.
+      no column (from the layout: a NaN among a row's inputs gives NaN).
     """
     for layout in layouts:
         if layout.rows.shape[1] % tiles_per_chunk:

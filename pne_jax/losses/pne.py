@@ -34,6 +34,16 @@ Norms are clamped from below by `NORM_EPSILON` (the reference divides by the raw
 and gives NaN for a zero embedding; above the epsilon both agree). Label values other
 than `ignore_index` must lie in [0, C): this cannot be checked inside `jit` without a
 host sync; call `validate_labels` eagerly to check a batch.
+
+Non-finite inputs give a NaN loss, so that a training loop's finite check names this
+loss at the step where its input went bad: an image whose embeddings hold a NaN or inf
+anywhere, or whose logits have no finite maximum at some pixel (a NaN or +inf logit, or
+all -inf: the reference's prediction and softmax weight are meaningless there), gets a
+NaN `term_sum`, whatever its pairs. Anywhere means ignored and unsampled pixels too: a
+NaN in the network's output poisons its parameter gradients wherever it is, and the
+answer should not depend on which pixels were sampled. -inf logits beside a finite
+maximum are fine (probability 0, as in softmax). The check costs one reduction over the
+embeddings; the logits' maximum is the prediction's own.
 """
 
 from __future__ import annotations
@@ -66,7 +76,8 @@ class PNEStats(NamedTuple):
     the loss of all of them together.
 
     Attributes:
-      term_sum: float32, the sum of `l_a` over the S anchor entries of every kept pair.
+      term_sum: float32, the sum of `l_a` over the S anchor entries of every kept pair;
+        NaN for an image with non-finite inputs (module docstring).
       num_pairs: int32, the kept pairs (P).
       num_anchors: int32, the sum of the true anchor counts |A_jk| of the kept pairs (N).
       dropped_pairs: int32, pairs left out because of `max_pairs_per_image`.
@@ -80,7 +91,9 @@ class PNEStats(NamedTuple):
     num_entries: jax.Array
 
 
-PNEStats.term_sum.__doc__ = "float32: sum of l_a over the S anchor entries of every kept pair."
+PNEStats.term_sum.__doc__ = (
+    "float32: sum of l_a over the S anchor entries of every kept pair (NaN: non-finite input)."
+)
 PNEStats.num_pairs.__doc__ = "int32: kept pairs (P)."
 PNEStats.num_anchors.__doc__ = "int32: sum of the true anchor counts |A_jk| of kept pairs (N)."
 PNEStats.dropped_pairs.__doc__ = "int32: pairs left out because of max_pairs_per_image."
@@ -140,7 +153,7 @@ def _check_options(num_samples, gate, ignore_index, max_pairs):
     return num_samples, (low, high), ignore_index, max_pairs
 
 
-def _check_arrays(logits, labels, embeddings, batched: bool):
+def _check_arrays(logits, labels, embeddings, batched: bool, caller: str):
     """Shapes and dtypes, with the expected layout in the message."""
     lead = "B, " if batched else ""
     want = {"logits": 3 + batched, "labels": 2 + batched, "embeddings": 3 + batched}
@@ -176,6 +189,12 @@ def _check_arrays(logits, labels, embeddings, batched: bool):
         raise ValueError(f"logits must have 1 to {_MAX_CLASSES} classes, got {num_classes}")
     if jnp.shape(embeddings)[-1] < 1:
         raise ValueError("embeddings must have at least one channel")
+    if 0 in spatial:
+        images = "at least one image" if batched else "an image"
+        raise ValueError(
+            f"embeddings has an empty dimension: shape {jnp.shape(embeddings)}; {caller} needs "
+            f"{images} of at least 1x1 pixels"
+        )
 
 
 _STATIC = ("num_samples", "gate", "positive_weighting", "ignore_index", "max_pairs_per_image")
@@ -254,6 +273,9 @@ def _batch_stats_body(
     )
 
     pairs = layout.pairs
+    # Non-finite inputs anywhere in an image make its term_sum NaN (module docstring);
+    # where they are finite this is the identity, value and gradient.
+    finite = pairs.finite_logits & jnp.all(jnp.isfinite(emb), axis=(1, 2))
     take = lambda x, i: jnp.take_along_axis(x, i, axis=1, mode="clip")  # noqa: E731
     neg = jnp.where(pairs.is_fallback, take(fb_lse, pairs.neg_slot), take(neg_lse, pairs.neg_slot))
     pos = take(pos_lse, pairs.pos_slot)
@@ -262,7 +284,7 @@ def _batch_stats_body(
     term = jax.nn.softplus(jnp.where(pairs.kept, neg - pos, 0.0))
     term_sum = jnp.sum(jnp.where(pairs.kept, pairs.multiplicity * term, 0.0), axis=1)
     return PNEStats(
-        term_sum,
+        jnp.where(finite, term_sum, jnp.nan),
         pairs.num_pairs,
         pairs.num_anchors,
         pairs.dropped_pairs,
@@ -289,9 +311,9 @@ def _loss_jit(logits, labels, embeddings, inv_temp, loss_weight, **options):
     return _reduce(_batch_stats(logits, labels, embeddings, inv_temp, **options), loss_weight)
 
 
-def _options(logits, labels, embeddings, *, batched: bool, temperature, **kwargs):
+def _options(logits, labels, embeddings, *, batched: bool, caller: str, temperature, **kwargs):
     """Checks the inputs; returns the static options of the jitted functions and 1 / T."""
-    _check_arrays(logits, labels, embeddings, batched=batched)
+    _check_arrays(logits, labels, embeddings, batched=batched, caller=caller)
     num_samples, gate, ignore_index, max_pairs = _check_options(
         kwargs["num_samples"], kwargs["gate"], kwargs["ignore_index"], kwargs["max_pairs_per_image"]
     )
@@ -337,7 +359,8 @@ def pne_batch_stats(
 
     Returns:
       `PNEStats` whose fields have shape [B]; `term_sum` is differentiable with respect to
-      `embeddings` (only), the counts are int32.
+      `embeddings` (only), and NaN for an image with non-finite inputs (module
+      docstring); the counts are int32.
 
     Example:
     >>> import numpy as np
@@ -356,6 +379,7 @@ def pne_batch_stats(
         labels,
         embeddings,
         batched=True,
+        caller="pne_batch_stats",
         num_samples=num_samples,
         temperature=temperature,
         gate=gate,
@@ -410,6 +434,7 @@ def pne_image_stats(
         labels,
         embeddings,
         batched=False,
+        caller="pne_image_stats",
         num_samples=num_samples,
         temperature=temperature,
         gate=gate,
@@ -508,7 +533,14 @@ def pne_loss(
         (exact; the sizes then follow from the static shapes).
 
     Returns:
-      [] float32 loss. Its gradient reaches `embeddings` (and `loss_weight`) only.
+      [] float32 loss. Its gradient reaches `embeddings` (and `loss_weight`) only. NaN
+      when an embedding is NaN or inf or a pixel's logits have no finite maximum (module
+      docstring), even with no pair kept, so that a training loop's finite check names
+      this loss at that step.
+
+    Raises:
+      ValueError: at trace time, for bad shapes (an empty batch or image included),
+        dtypes or options, naming the argument and the value.
 
     Example:
     >>> import numpy as np
@@ -529,6 +561,7 @@ def pne_loss(
         labels,
         embeddings,
         batched=True,
+        caller="pne_loss",
         num_samples=num_samples,
         temperature=temperature,
         gate=gate,
@@ -563,7 +596,10 @@ def resize_labels_nearest(labels: jax.Array, size: tuple[int, int]) -> jax.Array
     >>> resize_labels_nearest(labels, (3, 3)).tolist()  # rows and columns floor(i * 4 / 3)
     [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
     """
-    in_h, in_w = jnp.shape(labels)[-2:]
+    shape = jnp.shape(labels)
+    if len(shape) < 2 or 0 in shape[-2:]:
+        raise ValueError(f"labels must have shape [..., H, W] with H, W >= 1, got shape {shape}")
+    in_h, in_w = shape[-2:]
     out_h, out_w = (_check_int("size", s, 1) for s in size)
 
     def source(n_in: int, n_out: int) -> np.ndarray:

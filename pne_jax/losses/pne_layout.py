@@ -48,6 +48,7 @@ class PairRows(NamedTuple):
     num_pairs: jax.Array  # [] kept pairs
     num_anchors: jax.Array  # [] sum of |A_jk| over kept pairs
     dropped_pairs: jax.Array  # [] pairs left out by max_pairs_per_image
+    finite_logits: jax.Array  # [] bool: every pixel's maximum logit is finite
 
 
 class ImageLayout(NamedTuple):
@@ -169,6 +170,10 @@ def image_layout(
 
     # pred: first maximum on ties; log_conf: log max_c softmax, the weight of a positive.
     pred, log_conf = predict(logits)
+    # Where a pixel's maximum logit is NaN or inf (a NaN or +inf logit, or all -inf), its
+    # prediction and weight are undefined (the reference's softmax is NaN); the caller
+    # makes the image's loss NaN. The max is predict's own, merged by XLA: no extra pass.
+    finite_logits = jnp.all(jnp.isfinite(jnp.max(logits, axis=-1)))
     valid = labels != ignore_index
     label = jnp.where(valid, labels, 0)
     correct = valid & (pred == labels)
@@ -259,5 +264,6 @@ def image_layout(
         num_pairs=jnp.sum(first_kept, dtype=jnp.int32),
         num_anchors=jnp.sum(jnp.where(first_kept, size, 0), dtype=jnp.int32),
         dropped_pairs=dropped,
+        finite_logits=finite_logits,
     )
     return ImageLayout(pairs, neg, pos, fb)
