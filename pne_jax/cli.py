@@ -230,9 +230,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def override_problem(argv: Sequence[str]) -> str | None:
     """The first `--config.<field>=value` of argv whose field the config does not have,
     described with the fields it does have."""
-    import difflib
-
     from pne_jax import configs
+    from pne_jax.configs import validation
 
     spec = next((a[len("--config=") :] for a in argv if a.startswith("--config=")), None)
     if spec is None:
@@ -247,10 +246,7 @@ def override_problem(argv: Sequence[str]) -> str | None:
             fields = list(node.keys()) if hasattr(node, "keys") else []
             if key not in fields:
                 block = ".".join(["config", *walked])
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" (did you mean {block}.{close[0]}?)" if close else ""
-                known = f"; {block} has {', '.join(sorted(fields))}" if fields else ""
-                return f"{arg}: {block} has no field {key!r}{hint}{known}"
+                return f"{arg}: {validation.missing_field(block, key, fields)}"
             node, walked = node[key], [*walked, key]
     return None
 

@@ -260,17 +260,15 @@ def slide_logits(
 # Predictions of a batch
 
 
-def predict_batch(
+def _pass_logits(
     model: nn.Module,
     variables: Any,
     batch: Mapping[str, jax.Array],
     out_shape: tuple[int, int],
-    eval_config: Mapping[str, Any] | EvalOptions | None = None,
-) -> jax.Array:
-    """int32 predictions [b, *out_shape] for an evaluation batch (`input_pipeline.eval_dataset`
-    format: image, image_size, label_size), each at the top left at its label's original
-    size, inferred as `eval_config` (`config.eval`; None: `WHOLE_ONE_SCALE`) says. Jittable."""
-    options = eval_options(eval_config)
+    options: EvalOptions,
+) -> list[jax.Array]:
+    """float32 logits [b, *out_shape, C] of each test-time pass (scale, flip) of `options`,
+    each example at the top left at its label's original size."""
     out_shape = tuple(int(n) for n in out_shape)
     image, image_size, label_size = batch["image"], batch["image_size"], batch["label_size"]
     apply = functools.partial(_model_logits, model, variables)
@@ -290,11 +288,42 @@ def predict_batch(
         )
         return flip_valid(logits, label_size[:, 1]) if flip else logits
 
-    passes = [(r, f) for r in options.scales for f in ((False, True) if options.flip else (False,))]
+    flips = (False, True) if options.flip else (False,)
+    return [logits_at(ratio, flip) for ratio in options.scales for flip in flips]
+
+
+def _mean_softmax(passes: list[jax.Array]) -> jax.Array:
+    return sum(jax.nn.softmax(logits, axis=-1) for logits in passes) / len(passes)
+
+
+def predict_batch(
+    model: nn.Module,
+    variables: Any,
+    batch: Mapping[str, jax.Array],
+    out_shape: tuple[int, int],
+    eval_config: Mapping[str, Any] | EvalOptions | None = None,
+) -> jax.Array:
+    """int32 predictions [b, *out_shape] for an evaluation batch (`input_pipeline.eval_dataset`
+    format: image, image_size, label_size), each at the top left at its label's original
+    size, inferred as `eval_config` (`config.eval`; None: `WHOLE_ONE_SCALE`) says. Jittable."""
+    passes = _pass_logits(model, variables, batch, out_shape, eval_options(eval_config))
     if len(passes) == 1:  # argmax of the logits == argmax of their softmax
-        return jnp.argmax(logits_at(*passes[0]), axis=-1).astype(jnp.int32)
-    probs = sum(jax.nn.softmax(logits_at(ratio, flip), axis=-1) for ratio, flip in passes)
-    return jnp.argmax(probs / len(passes), axis=-1).astype(jnp.int32)
+        return jnp.argmax(passes[0], axis=-1).astype(jnp.int32)
+    return jnp.argmax(_mean_softmax(passes), axis=-1).astype(jnp.int32)
+
+
+def predict_probabilities(
+    model: nn.Module,
+    variables: Any,
+    batch: Mapping[str, jax.Array],
+    out_shape: tuple[int, int],
+    eval_config: Mapping[str, Any] | EvalOptions | None = None,
+) -> jax.Array:
+    """float32 class probabilities [b, *out_shape, C], laid out as `predict_batch`'s
+    predictions: the softmax of each test-time pass, averaged (with several passes, exactly
+    the array whose argmax `predict_batch` returns). Jittable."""
+    passes = _pass_logits(model, variables, batch, out_shape, eval_options(eval_config))
+    return _mean_softmax(passes)
 
 
 def _replicated_like(x: jax.Array) -> jax.sharding.Sharding | None:

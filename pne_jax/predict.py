@@ -6,9 +6,9 @@
 
 (or `python -m pne_jax.predict ...`). The checkpoint is the workdir's latest (or
 `--config.eval.checkpoint=STEP`); `--config` and its overrides work as for `pne-jax train`.
-Each image goes through the evaluation pipeline's preprocessing (resized to fit
-`config.data.test_size`, ratio kept, normalised, padded at the bottom and right) and the
-config's test mode (`evaluate.predict_batch`), and is predicted at its original resolution.
+Each image goes through `pne_jax.Segmenter`, the one inference path for applications: the
+evaluation's preprocessing (resized to fit `config.data.test_size`, ratio kept, normalised)
+and the config's test mode (`evaluate.predict_batch`), predicted at its original resolution.
 Files are read to 8-bit RGB by the rule dataset preparation uses (`datasets.images.to_rgb`:
 16-bit greyscale keeps its high byte, alpha is dropped, float images are refused).
 For each input `<stem>.<ext>` the output folder gets `<stem>.png` (train ids, uint8),
@@ -20,34 +20,32 @@ folder: cityscapesScripts' evalPixelLevelSemanticLabeling (and the test server) 
 prediction of `<city>_<seq>_<frame>_gtFine_labelIds.png` as the single file matching
 `<city>_<seq>_<frame>*.png` anywhere under the results folder, so the folder holds nothing else.
 
-Every batch has one static shape (images padded to the largest resized image of the whole
-set, or `config.data.eval_pad_size` if larger), so the prediction compiles once; the last batch
-is completed with masked fillers. An image that cannot be read is logged and skipped; the CLI
-lists the failures at the end and exits non-zero.
+Images are predicted `CHUNK_BATCHES` batches at a time, batched by size bucket (the
+Segmenter's: at most one compilation per bucket and batch size). An image that cannot be read
+is logged and skipped; the CLI lists the failures at the end and exits non-zero.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import math
 import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from pne_jax import augment, checkpoint, evaluate, input_pipeline, visualize
+from pne_jax import checkpoint, input_pipeline, visualize
 from pne_jax.datasets.images import to_rgb
 from pne_jax.datasets.labels import CITYSCAPES_LABEL_TABLE
-from pne_jax.models import build_model
+from pne_jax.segmenter import Segmenter
+
+CHUNK_BATCHES = 16
+"""Batches read, predicted and written at a time (bounds the memory of a large folder)."""
 
 # cityscapesScripts' getCsFileInfo: the first three "_"-separated parts name the frame.
 CITYSCAPES_FRAME = re.compile(r"^([A-Za-z]+)_(\d{6})_(\d{6})(?:_|\.|$)")
@@ -81,11 +79,6 @@ def read_image(path: str) -> np.ndarray:
     with Image.open(path) as image:
         image.load()
         return to_rgb(image, where=path)
-
-
-def _image_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as image:  # reads the header only
-        return image.height, image.width
 
 
 # --- Cityscapes submission ----------------------------------------------------------------------
@@ -125,75 +118,14 @@ def prediction_batch_size(
     both predict alike) capped at `num_images`; ValueError if neither is set or it is not
     positive."""
     if batch_size is None:
-        configured = config.get("eval", {}).get("global_batch_size")
-        if configured is None:
-            raise ValueError(
-                "config.eval.global_batch_size is not set: set it in the config (or with "
-                "--config.eval.global_batch_size=N), or pass --batch_size"
-            )
-        batch_size = min(int(configured), num_images)
+        try:
+            configured = input_pipeline.eval_global_batch_size(config)
+        except ValueError as missing:
+            raise ValueError(f"{missing}; or pass --batch_size") from missing
+        batch_size = min(configured, num_images)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return batch_size
-
-
-def _devices_for(batch_size: int) -> list:
-    """The most local devices that split `batch_size` evenly."""
-    devices = jax.local_devices()
-    return devices[: math.gcd(batch_size, len(devices))]
-
-
-def _fillers(batch: list[dict], size: int) -> list[dict]:
-    filler = {"image": None, "size": (0, 0), "resized": (0, 0)}
-    return batch + [filler] * (size - len(batch))
-
-
-def _host_batch(examples: list[dict], pad_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Examples -> a batch in input_pipeline's eval format (fillers have image None)."""
-    images = [
-        augment.pad_to(
-            e["normalized"] if e["image"] is not None else np.zeros((0, 0, 3), np.float32),
-            pad_size,
-            0.0,
-        )
-        for e in examples
-    ]
-    return {
-        "image": np.stack(images),  # [b, Hp, Wp, 3]
-        "image_size": np.array([e["resized"] for e in examples], np.int32),  # [b, 2]
-        "label_size": np.array([e["size"] for e in examples], np.int32),  # [b, 2]
-        "mask": np.array([e["image"] is not None for e in examples]),  # [b]
-    }
-
-
-class Predictor:
-    """One jitted `evaluate.predict_batch` for batches of `batch_size` images padded to
-    `pad_size`, predicting into [batch_size, *out_shape]; sharded over the local devices that
-    divide the batch, with the variables replicated."""
-
-    def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        variables: Any,
-        batch_size: int,
-        pad_size: tuple[int, int],
-        out_shape: tuple[int, int],
-    ):
-        self.batch_size, self.pad_size, self.out_shape = batch_size, pad_size, out_shape
-        model = build_model(config.model)
-        eval_config = config.get("eval")
-        mesh = Mesh(np.array(_devices_for(batch_size)), ("data",))
-        self.sharding = NamedSharding(mesh, P("data"))
-        self.variables = jax.device_put(variables, NamedSharding(mesh, P()))
-
-        def predict(variables, batch):
-            return evaluate.predict_batch(model, variables, batch, out_shape, eval_config)
-
-        self._predict = jax.jit(predict, out_shardings=self.sharding)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> jax.Array:
-        """int32 [batch_size, *out_shape] (dispatched asynchronously)."""
-        return self._predict(self.variables, jax.device_put(batch, self.sharding))
 
 
 def _output_names(paths: Sequence[str], cityscapes_submission: bool) -> list[str]:
@@ -210,14 +142,13 @@ def _output_names(paths: Sequence[str], cityscapes_submission: bool) -> list[str
 
 
 def _write_outputs(
-    example: dict,
+    example: dict[str, Any],
     prediction: np.ndarray,
     out_dir: str,
     colours: np.ndarray,
     label_ids: np.ndarray | None,
 ) -> None:
-    h, w = example["size"]
-    train_ids = prediction[:h, :w]  # [h, w] int32
+    train_ids = prediction  # [h, w] int32, the image's size
     if label_ids is not None:
         if train_ids.max(initial=0) >= 19:
             raise ValueError(f"train id {train_ids.max()} is not a Cityscapes train id (0..18)")
@@ -249,7 +180,7 @@ def predict_images(
     paths = list(paths)
     if not paths:
         raise ValueError("no images to predict")
-    prediction_batch_size(config, len(paths), batch_size)  # a config error before any work
+    batch_size = prediction_batch_size(config, len(paths), batch_size)  # before any work
     num_classes = int(config.model.num_classes)
     names = _output_names(paths, cityscapes_submission)
     colours, label_ids = None, None
@@ -269,8 +200,8 @@ def predict_images(
                 f"{num_classes} classes"
             )
     os.makedirs(out_dir, exist_ok=True)
-    test_size = input_pipeline.data_field(config, "test_size")
-
+    segmenter = Segmenter(config, variables, batch_size=batch_size)
+    logging.info("predicting %d images in batches of up to %d", len(paths), segmenter.batch_size)
     failures: list[Failure] = []
 
     def fail(path: str, action: str, error: Exception) -> None:
@@ -278,68 +209,27 @@ def predict_images(
         logging.error("cannot %s %s: %s", action, path, error)
         failures.append(Failure(path, f"{type(error).__name__}: {error}"))
 
-    sizes: dict[int, tuple[int, int]] = {}
-    for i, path in enumerate(paths):
-        try:
-            sizes[i] = _image_size(path)
-        except Exception as e:
-            fail(path, "read", e)
-    if not sizes:
-        return failures
-    resized = {i: augment.keep_ratio_size(s, test_size) for i, s in sizes.items()}
-    pad_size = tuple(max(r[k] for r in resized.values()) for k in (0, 1))
-    eval_pad = input_pipeline.data_field(config, "eval_pad_size")
-    if eval_pad:  # pad as evaluation does, where the images fit
-        pad_size = tuple(max(a, b) for a, b in zip(pad_size, eval_pad, strict=True))
-    out_shape = tuple(max(s[k] for s in sizes.values()) for k in (0, 1))
-    batch_size = prediction_batch_size(config, len(sizes), batch_size)
-    predictor = Predictor(config, variables, batch_size, pad_size, out_shape)
-    logging.info(
-        "predicting %d images in batches of %d, padded to %s, on %d device(s)",
-        len(sizes),
-        batch_size,
-        pad_size,
-        predictor.sharding.mesh.size,
-    )
-
-    def load(i: int) -> dict | None:
-        try:
-            image = read_image(paths[i])
-        except Exception as e:
-            fail(paths[i], "read", e)
-            return None
-        return {
-            "path": paths[i],
-            "name": names[i],
-            "image": image,
-            "normalized": augment.eval_transform(image, test_size),
-            "size": image.shape[:2],
-            "resized": resized[i],
-        }
-
-    def write(examples: list[dict], predictions: jax.Array) -> None:
-        predictions = np.asarray(predictions)
-        for example, prediction in zip(examples, predictions, strict=False):
-            try:
-                _write_outputs(example, prediction, out_dir, colours, label_ids)
-            except Exception as e:
-                fail(example["path"], "write the prediction of", e)
-
-    order = sorted(sizes)
-    pending = None  # the previous batch, written while the device computes the next
+    chunk = CHUNK_BATCHES * segmenter.batch_size
     done = 0
-    for start in range(0, len(order), batch_size):
-        examples = [e for e in map(load, order[start : start + batch_size]) if e is not None]
+    for start in range(0, len(paths), chunk):
+        examples = []
+        for path, name in zip(
+            paths[start : start + chunk], names[start : start + chunk], strict=True
+        ):
+            try:
+                examples.append({"path": path, "name": name, "image": read_image(path)})
+            except Exception as e:
+                fail(path, "read", e)
         if not examples:
             continue
-        predictions = predictor(_host_batch(_fillers(examples, batch_size), pad_size))
-        if pending is not None:
-            write(*pending)
-        pending = (examples, predictions)
+        labels = segmenter.segment([e["image"] for e in examples])
+        for example, label in zip(examples, labels, strict=True):
+            try:
+                _write_outputs(example, label, out_dir, colours, label_ids)
+            except Exception as e:
+                fail(example["path"], "write the prediction of", e)
         done += len(examples)
         logging.info("predicted %d / %d images", done, len(paths))
-    if pending is not None:
-        write(*pending)
     position = {p: i for i, p in enumerate(paths)}
     return sorted(failures, key=lambda f: position[f.path])
 

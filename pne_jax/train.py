@@ -389,7 +389,7 @@ def _prepare_quietly(name: str, data_dir: str, options: dict) -> None:
         logging.info("%s", lines[-1], extra={"file_only": done})
 
 
-def _class_names(config: ml_collections.ConfigDict) -> list[str] | None:
+def dataset_class_names(config: ml_collections.ConfigDict) -> list[str] | None:
     """The dataset's class names, if it is one of `pne_jax.datasets` with as many classes as
     the model."""
     if not datasets.is_known_dataset(config.data.name):
@@ -567,7 +567,7 @@ def _train(
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
-        class_names = _class_names(config)
+        class_names = dataset_class_names(config)
         writer = jsonl = None
         if jax.process_index() == 0:
             writer = metric_writers.SummaryWriter(workdir)  # TensorBoard; the console: below
@@ -687,7 +687,7 @@ def load_variables(
     asked = step is not None or config.get("eval", {}).get("checkpoint") is not None
     if not os.path.isdir(directory) or not os.listdir(directory):
         if config.model.get("init_from") and not asked:
-            return _init_from_variables(config), 0
+            return whole_model_variables(config), 0
         raise no_checkpoint
     ckpt = checkpoint.Checkpointer(directory)
     try:
@@ -698,7 +698,7 @@ def load_variables(
             step = ckpt.latest_step()
         if step is None:
             if config.model.get("init_from") and not asked:
-                return _init_from_variables(config), 0
+                return whole_model_variables(config), 0
             raise no_checkpoint
         if int(step) not in steps:
             raise FileNotFoundError(
@@ -739,7 +739,7 @@ def load_variables(
     return variables, step
 
 
-def _init_from_variables(config: ml_collections.ConfigDict) -> dict:
+def whole_model_variables(config: ml_collections.ConfigDict) -> dict:
     """The variables of `config.model.init_from` alone, replicated (no checkpoint)."""
     _weight_files(config.model)
     logging.info("no checkpoint: using the weights of model.init_from=%s", config.model.init_from)
@@ -762,7 +762,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     mesh = make_mesh()
     model = build_model(config.model)
     variables, step = load_variables(config, workdir)
-    class_names = _class_names(config)
+    class_names = dataset_class_names(config)
     results = evaluate.evaluate(
         model,
         variables,

@@ -15,6 +15,7 @@ import pytest
 from pne_jax import configs, evaluate, input_pipeline, metrics
 from pne_jax.configs import common
 from pne_jax.models.layers import resize
+from tests.compile_count import COMPILES
 
 C = 3
 
@@ -297,28 +298,6 @@ def test_config_fields_and_bad_values():
 # Evaluator: compiled once per run; labels outside the classes
 
 
-class _CompileCounter:
-    """Counts XLA compilations (jax.monitoring's backend-compile events) while active."""
-
-    def __init__(self):
-        self.count, self.active = 0, False
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        if self.active and event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self):
-        self.count, self.active = 0, True
-        return self
-
-    def __exit__(self, *exc):
-        self.active = False
-
-
-_COMPILES = _CompileCounter()
-
-
 def _eval_batches(seed, n=2):
     return [_batch(seed=seed + i) for i in range(n)]
 
@@ -332,11 +311,11 @@ def test_evaluator_compiles_once_over_three_evaluations_and_equals_evaluate():
     variables = _init(model)
     place = functools.partial(input_pipeline.to_global_array, mesh=_mesh(4))
     kw = dict(place=place, eval_config=_config(), class_names=["a", "b", "c"])
-    with _COMPILES as compiles:
+    with COMPILES as compiles:
         want = evaluate.evaluate(model, variables, _eval_batches(0), C, **kw)
     assert compiles.count >= 1  # the counter does count this program's compilation
     evaluator = evaluate.Evaluator(model, C, **kw)
-    with _COMPILES as compiles:
+    with COMPILES as compiles:
         got = [evaluator(variables, _eval_batches(s)) for s in (0, 5, 9)]
     assert compiles.count == 1
     assert got[0].keys() == want.keys()

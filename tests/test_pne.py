@@ -25,20 +25,23 @@ from pne_jax.losses import (
     resize_labels_nearest,
     validate_labels,
 )
+from tests import compile_count
 from tests.pne_reference import pne_reference
 
 _BACKEND_COMPILES: list[str] = []
 
 
 def backend_compiles() -> list[str]:
-    """The XLA compilations so far (a list that grows), from JAX's monitoring events."""
+    """The XLA compilations so far (a list that grows), from JAX's monitoring events: the
+    backend's compilations and the persistent cache's hits (tests/compile_count.py)."""
     if not getattr(backend_compiles, "registered", False):
 
-        def listener(event, duration, **kwargs):
-            if event == "/jax/core/compile/backend_compile_duration":
+        def listener(event, *duration, **kwargs):
+            if event in compile_count.EVENTS:
                 _BACKEND_COMPILES.append(event)
 
         jax.monitoring.register_event_duration_secs_listener(listener)
+        jax.monitoring.register_event_listener(listener)
         backend_compiles.registered = True
     return _BACKEND_COMPILES
 

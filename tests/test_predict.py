@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pne_jax import evaluate, input_pipeline, predict, train, visualize
+from pne_jax import Segmenter, evaluate, input_pipeline, predict, train, visualize
 from pne_jax.configs import demo
 from pne_jax.datasets.images import UnsupportedImageError
 from pne_jax.models import build_model
@@ -227,10 +227,11 @@ def test_batch_size_is_the_evaluation_one():
     with pytest.raises(ValueError, match="batch_size must be positive, got 0"):
         predict.prediction_batch_size(config, 3, batch_size=0)
     del config.eval["global_batch_size"]
-    with pytest.raises(ValueError, match=r"^config\.eval\.global_batch_size is not set"):
+    missing = r"^config\.eval\.global_batch_size is missing.*; or pass --batch_size$"
+    with pytest.raises(ValueError, match=missing):
         predict.prediction_batch_size(config, 3)
     # predict_images refuses such a config before it reads (or fails on) any image.
-    with pytest.raises(ValueError, match=r"config\.eval\.global_batch_size is not set"):
+    with pytest.raises(ValueError, match=r"config\.eval\.global_batch_size is missing"):
         predict.predict_images(config, None, ["/nonexistent/a.png"], "/nonexistent/out")
     assert predict.prediction_batch_size(config, 3, batch_size=2) == 2
 
@@ -280,3 +281,29 @@ def test_cli_reports_unreadable_images_and_writes_the_rest(trained, tmp_path):
     assert sorted(os.listdir(out)) == ["good.png", "good_color.png", "good_overlay.png"]
     label = np.asarray(Image.open(out / "good.png"))
     assert label.shape == (128, 256) and label.max() < 10
+
+
+def test_segmenter_from_a_workdir_or_a_checkpoint(trained, predicted, tmp_path):
+    """The Segmenter of a run: the checkpoint's variables and the config it was trained
+    with; its labels are the predict command's PNGs (one inference path)."""
+    config, variables, workdir, images = trained
+    segmenter = Segmenter.from_workdir(workdir)
+    assert segmenter.config.model.to_dict() == config.model.to_dict()
+    assert tuple(segmenter.config.data.test_size) == tuple(config.data.test_size)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, segmenter.variables, variables)))
+    step_dir = os.path.join(workdir, "checkpoints", "1")
+    from_step = Segmenter.from_checkpoint(config, step_dir)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, from_step.variables, variables)))
+    path = os.path.join(images, _name(0))
+    label = segmenter.segment(path)
+    np.testing.assert_array_equal(
+        label, np.asarray(Image.open(os.path.join(predicted, _name(0)[:-4] + ".png")))
+    )
+    other = _tiny_config(config.data.data_dir)
+    other.model.num_classes = 5
+    with pytest.raises(ValueError, match="conv_seg"):
+        Segmenter.from_checkpoint(other, workdir)
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7 .* saved steps: \\[1\\]"):
+        Segmenter.from_workdir(workdir, step=7)
+    with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+        Segmenter.from_workdir(str(tmp_path))

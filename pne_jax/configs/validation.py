@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -41,19 +41,25 @@ def _is_free(name: str) -> bool:
     return any(name == f or name.startswith(f"{f}.") for f in FREE_FORM)
 
 
+def missing_field(block: str, key: str, fields: Sequence[str]) -> str:
+    """'<block> has no field <key> (did you mean ...?); <block> has a, b, ...': the one
+    wording for a field that is not there, from a config file or a --config override."""
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    hint = f" (did you mean {block}.{close[0]}?)" if close else ""
+    known = f"; {block} has {', '.join(sorted(fields))}" if fields else ""
+    return f"{block} has no field {key!r}{hint}{known}"
+
+
 def unknown_fields(config: Any, schema: Any, prefix: str = "") -> list[str]:
-    """'config.<field>' of every field of `config` that `schema` lacks, with a suggestion."""
+    """The `missing_field` line of every field of `config` that `schema` lacks."""
     found = []
     for key, value in config.items():
         name = f"{prefix}{key}"
         if _is_free(name):
             continue
         if key not in schema:
-            close = difflib.get_close_matches(key, list(schema), n=1)
-            hint = f" (did you mean config.{prefix}{close[0]}?)" if close else ""
             block = f"config.{prefix[:-1]}" if prefix else "config"
-            known = ", ".join(sorted(schema))
-            found.append(f"unknown field config.{name}{hint}; {block} has {known}")
+            found.append(missing_field(block, key, schema))
         elif _is_block(value) and _is_block(schema[key]):
             found.extend(unknown_fields(value, schema[key], f"{name}."))
     return found
@@ -79,7 +85,7 @@ def _pair_problem(name: str, value: Any, optional: bool = False) -> str | None:
     )
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> str | None:
+def _int_at_least(name: str, value: Any, minimum: int = 1) -> str | None:
     if _is_int(value) and value >= minimum:
         return None
     return f"config.{name}={value!r}: must be an integer >= {minimum}"
@@ -96,9 +102,9 @@ def value_problems(config: ml_collections.ConfigDict) -> list[str]:
             "(e.g. --config.train.steps=1000)"
         )
     for field in ("global_batch_size", "grad_accum_steps", "log_every", "eval_every"):
-        problems.append(_positive_int(f"train.{field}", train[field]))
-    problems.append(_positive_int("train.checkpoint_every", train.checkpoint_every))
-    problems.append(_positive_int("train.keep_checkpoints", train.keep_checkpoints))
+        problems.append(_int_at_least(f"train.{field}", train[field]))
+    problems.append(_int_at_least("train.checkpoint_every", train.checkpoint_every))
+    problems.append(_int_at_least("train.keep_checkpoints", train.keep_checkpoints))
     micro, batch = train.grad_accum_steps, train.global_batch_size
     if _is_int(micro) and _is_int(batch) and micro > 0 and batch % micro:
         problems.append(
@@ -120,12 +126,12 @@ def value_problems(config: ml_collections.ConfigDict) -> list[str]:
         )
     if not (_is_int(data.ignore_index) and 0 <= data.ignore_index <= 255):
         problems.append(f"config.data.ignore_index={data.ignore_index!r}: must be in [0, 255]")
-    problems.append(_positive_int("data.num_workers", data.num_workers, minimum=0))
-    problems.append(_positive_int("eval.global_batch_size", config.eval.global_batch_size))
-    problems.append(_positive_int("model.num_classes", config.model.num_classes))
+    problems.append(_int_at_least("data.num_workers", data.num_workers, minimum=0))
+    problems.append(_int_at_least("eval.global_batch_size", config.eval.global_batch_size))
+    problems.append(_int_at_least("model.num_classes", config.model.num_classes))
     pne = config.pne
     if pne.enabled:
-        problems.append(_positive_int("pne.num_samples", pne.num_samples))
+        problems.append(_int_at_least("pne.num_samples", pne.num_samples))
         if not (isinstance(pne.temperature, numbers.Real) and pne.temperature > 0):
             problems.append(f"config.pne.temperature={pne.temperature!r}: must be > 0")
         if not (isinstance(pne.loss_weight, numbers.Real) and math.isfinite(pne.loss_weight)):
