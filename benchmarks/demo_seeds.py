@@ -1,7 +1,7 @@
 """The demo with and without PNE over several seeds: mean and spread of the validation mIoU,
 and the learning curves of every run (docs/demo_seeds.png).
 
-    python -m benchmarks.demo_seeds              # 5 seeds x (PNE, no PNE), ~90 min on 2 cores
+    python -m benchmarks.demo_seeds              # 5 seeds x (PNE, no PNE), ~2 h on 2 cores
     python -m benchmarks.demo_seeds --plot_only  # table and figure from finished runs
     python -m benchmarks.demo_seeds --seeds=2 --steps=60 --eval_every=30 --root=/tmp/s
 

@@ -44,7 +44,7 @@ from pne_jax.datasets.images import to_rgb
 from pne_jax.datasets.labels import CITYSCAPES_LABEL_TABLE
 from pne_jax.segmenter import Segmenter
 
-CHUNK_BATCHES = 16
+CHUNK_BATCHES = 8
 """Batches read, predicted and written at a time (bounds the memory of a large folder)."""
 
 # cityscapesScripts' getCsFileInfo: the first three "_"-separated parts name the frame.

@@ -7,10 +7,11 @@
     probs = segmenter.probabilities("a.jpg")             # float32 [H, W, C]
     shown = segmenter.overlay("a.jpg", labels[0])        # the dataset's palette on the image
 
-An image is a uint8 [H, W, 3] NumPy array, a PIL image or a file path. Each goes through the
-evaluation's preprocessing (resized to fit `config.data.test_size`, ratio kept, normalised)
-and the config's test mode (`config.eval`: whole or slide, scales, flip; each can be changed
-per call), by `evaluate.predict_batch`, and is predicted at its original size.
+An image is a uint8 [H, W, 3] NumPy array, a PIL image or a file path (a 4-D array is a
+list of images). Each goes through the evaluation's preprocessing (resized to fit
+`config.data.test_size`, ratio kept, normalised) and the config's test mode (`config.eval`:
+whole or slide, scales, flip; each can be changed per call), by `evaluate.predict_batch`,
+and is predicted at its original size.
 
 Compilations. Images are batched by size bucket: the resized image is padded at the bottom
 and right to the next size of `size_bucket`'s ladder per side (32, 48, 64, 96, 128, ...: two
@@ -98,10 +99,15 @@ def as_rgb(image: ImageLike, where: str = "image") -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """One image, preprocessed: its original size, its normalised resized form."""
+    """One image as uint8 RGB, and its size at the test scale (normalised per batch, so a
+    long list holds uint8 images, not float32 ones)."""
 
-    size: tuple[int, int]
-    normalized: np.ndarray  # float32 [h, w, 3]
+    rgb: np.ndarray  # uint8 [H, W, 3]
+    resized: tuple[int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[:2]
 
 
 def group_batch_size(batch_size: int, n: int) -> int:
@@ -220,8 +226,10 @@ class Segmenter:
         return len(self._compiled)
 
     def _run(self, images, kind: str, **overrides) -> np.ndarray | list[np.ndarray]:
-        single = isinstance(images, (np.ndarray, Image.Image, str, os.PathLike))
-        listed = [images] if single else list(images)
+        single = isinstance(images, (Image.Image, str, os.PathLike)) or (
+            isinstance(images, np.ndarray) and images.ndim != 4
+        )
+        listed = [images] if single else list(images)  # a 4-D array: a list of images
         options = self._options(**overrides)
         prepared = [self._prepare(image, i) for i, image in enumerate(listed)]
         groups: dict[tuple, list[int]] = {}
@@ -251,24 +259,24 @@ class Segmenter:
         rgb = as_rgb(image, where=f"image {index}")
         if min(rgb.shape[:2]) < 1:
             raise UnsupportedImageError(f"image {index} is empty: shape {rgb.shape}")
-        normalized = augment.eval_transform(rgb, self.test_size)
-        return _Prepared(rgb.shape[:2], normalized)
+        return _Prepared(rgb, augment.keep_ratio_size(rgb.shape[:2], self.test_size))
 
     def _bucket(self, prepared: _Prepared) -> tuple[tuple[int, int], tuple[int, int]]:
-        pad, out = prepared.normalized.shape[:2], prepared.size
+        pad, out = prepared.resized, prepared.size
         if self.size_buckets:
             pad, out = tuple(map(size_bucket, pad)), tuple(map(size_bucket, out))
         return tuple(pad), tuple(out)
 
-    @staticmethod
-    def _host_batch(examples: list[_Prepared], size: int, pad: tuple[int, int]) -> dict:
-        """A batch in input_pipeline's eval format, completed with masked fillers."""
+    def _host_batch(self, examples: list[_Prepared], size: int, pad: tuple[int, int]) -> dict:
+        """A batch in input_pipeline's eval format (the evaluation's preprocessing,
+        `augment.eval_transform`), completed with masked fillers."""
         image = np.zeros((size, *pad, 3), np.float32)
         image_size = np.zeros((size, 2), np.int32)
         label_size = np.zeros((size, 2), np.int32)
         for i, example in enumerate(examples):
-            h, w = example.normalized.shape[:2]
-            image[i, :h, :w] = example.normalized
+            normalized = augment.eval_transform(example.rgb, self.test_size)
+            h, w = normalized.shape[:2]
+            image[i, :h, :w] = normalized
             image_size[i], label_size[i] = (h, w), example.size
         return {"image": image, "image_size": image_size, "label_size": label_size}
 

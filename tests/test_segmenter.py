@@ -193,6 +193,8 @@ def test_images_of_other_kinds(segmenter, tmp_path, caplog):
     np.testing.assert_array_equal(segmenter.segment(Image.open(path)), want)
     np.testing.assert_array_equal(segmenter.segment([path])[0], want)
     assert segmenter.segment([]) == []
+    stacked = segmenter.segment(np.stack([rgb, rgb]))  # a 4-D array: a list of images
+    assert len(stacked) == 2 and all((label == want).all() for label in stacked)
     grey = rgb[..., 0]
     np.testing.assert_array_equal(as_rgb(grey), np.stack([grey] * 3, -1))
     np.testing.assert_array_equal(as_rgb(grey[..., None]), np.stack([grey] * 3, -1))
