@@ -31,6 +31,7 @@ COMMANDS = {
     "eval": "evaluate a checkpoint of a workdir on the validation split",
     "predict": "predict image files with a checkpoint: label, colour and overlay PNGs",
     "prepare": "prepare a dataset (tfds ArrayRecord) from its downloads, once",
+    "export": "export a model to run without pne-jax: StableHLO (jax alone), a TF SavedModel",
     "convert": "convert a checkpoint (timm, MMCV, MMSegmentation, Swin) into weights (.npz)",
 }
 MODES = ("train_and_eval", "train", "eval")
@@ -298,6 +299,11 @@ def run(command: str, args: Sequence[str], program: str | None = None) -> None:
 
         predict.define_flags()
         _run(sub, predict.main, [predict.__name__], COMMANDS[command])
+    elif command == "export":
+        from pne_jax import export
+
+        export.define_flags()
+        _run(sub, export.main, [export.__name__], COMMANDS[command])
     elif command == "prepare":
         from pne_jax.datasets import preparation
 

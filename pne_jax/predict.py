@@ -7,8 +7,9 @@
 (or `python -m pne_jax.predict ...`). The checkpoint is the workdir's latest (or
 `--config.eval.checkpoint=STEP`); `--config` and its overrides work as for `pne-jax train`.
 Each image goes through `pne_jax.Segmenter`, the one inference path for applications: the
-evaluation's preprocessing (resized to fit `config.data.test_size`, ratio kept, normalised)
-and the config's test mode (`evaluate.predict_batch`), predicted at its original resolution.
+evaluation's preprocessing on the device (`pne_jax.preprocess`: resized to fit
+`config.data.test_size`, ratio kept, normalised) and the config's test mode
+(`evaluate.predict_batch`), predicted at its original resolution.
 Files are read to 8-bit RGB by the rule dataset preparation uses (`datasets.images.to_rgb`:
 16-bit greyscale keeps its high byte, alpha is dropped, float images are refused).
 For each input `<stem>.<ext>` the output folder gets `<stem>.png` (train ids, uint8),

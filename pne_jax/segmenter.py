@@ -8,21 +8,24 @@
     shown = segmenter.overlay("a.jpg", labels[0])        # the dataset's palette on the image
 
 An image is a uint8 [H, W, 3] NumPy array, a PIL image or a file path (a 4-D array is a
-list of images). Each goes through the evaluation's preprocessing (resized to fit
-`config.data.test_size`, ratio kept, normalised) and the config's test mode (`config.eval`:
-whole or slide, scales, flip; each can be changed per call), by `evaluate.predict_batch`,
-and is predicted at its original size.
+list of images). The uint8 images go to the device, where the evaluation's preprocessing
+runs (`pne_jax.preprocess`: resized to fit `config.data.test_size`, ratio kept, normalised;
+equal to the host's `augment.eval_transform` to one level of 255 in a few pixels), then the
+config's test mode (`config.eval`: whole or slide, scales, flip; each can be changed per
+call) by `evaluate.predict_batch`; each image is predicted at its original size. The same
+function (`Segmenter.function`) is what `pne_jax.export` exports.
 
-Compilations. Images are batched by size bucket: the resized image is padded at the bottom
-and right to the next size of `size_bucket`'s ladder per side (32, 48, 64, 96, 128, ...: two
-sizes per octave, so at most 1.5x per side), the output to the ladder size at or above the
-original. One compilation serves each (input bucket, output bucket, batch size, test mode),
-so a call compiles at most once per bucket its images fall in, and a stream of calls at most
-once per bucket and batch size. The images of a bucket go in batches of `batch_size`
-(default `config.eval.global_batch_size`), or of the smallest power of two that holds them
-all when that is smaller (one image: a batch of one), the last batch completed with masked
-fillers, each sharded over the local devices that divide it. In whole mode the padding is
-context for the model, as in evaluation (`pne_jax.evaluate`, difference 2);
+Compilations. Images are batched by program: an image is padded at the bottom and right to
+its bucket, the next size of `size_bucket`'s ladder per side (32, 48, 64, 96, 128, ...: two
+sizes per octave, so at most 1.5x per side), and its resized image to its canvas, the
+ladder size of the resized size. One compilation serves each (bucket, canvas, batch size,
+test mode), so a call compiles at most once per (bucket, canvas) its images fall in, and a
+stream of calls at most once per (bucket, canvas) and batch size (a Cityscapes stream of
+1024 x 2048 images: one). The images of a program go in batches of `batch_size` (default
+`config.eval.global_batch_size`), or of the smallest power of two that holds them all when
+that is smaller (one image: a batch of one), the last batch completed with masked fillers,
+each sharded over the local devices that divide it. In whole mode the padding of the canvas
+is context for the model, as in evaluation (`pne_jax.evaluate`, difference 2);
 `size_buckets=False` pads nothing: each image is then predicted exactly as alone, at one
 compilation per distinct size.
 
@@ -33,7 +36,6 @@ was received.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -47,7 +49,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from pne_jax import augment, evaluate, input_pipeline, visualize
+from pne_jax import evaluate, input_pipeline, preprocess, visualize
+from pne_jax.datasets import labels
 from pne_jax.datasets.images import UnsupportedImageError, to_rgb
 from pne_jax.models import build_model
 
@@ -97,17 +100,15 @@ def as_rgb(image: ImageLike, where: str = "image") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Prepared:
-    """One image as uint8 RGB, and its size at the test scale (normalised per batch, so a
-    long list holds uint8 images, not float32 ones)."""
-
-    rgb: np.ndarray  # uint8 [H, W, 3]
-    resized: tuple[int, int]
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.rgb.shape[:2]
+def host_batch(images: list[np.ndarray], size: int, bucket: tuple[int, int]):
+    """uint8 [size, *bucket, 3] with each image at the top left (zeros elsewhere, and in
+    the filler rows), and int32 sizes [size, 2] (fillers: 1 x 1)."""
+    batch = np.zeros((size, *bucket, 3), np.uint8)
+    sizes = np.ones((size, 2), np.int32)
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        batch[i, :h, :w], sizes[i] = image, (h, w)
+    return batch, sizes
 
 
 def group_batch_size(batch_size: int, n: int) -> int:
@@ -167,9 +168,9 @@ class Segmenter:
                     f"no checkpoint of step {step} in {directory}; saved steps: {sorted(steps)}"
                 )
             config = ml_collections.ConfigDict(_tuples(ckpt.saved_config(step)))
+            variables = train.restore_model_variables(ckpt, config, step)
         finally:
             ckpt.close()
-        variables, _ = train.load_variables(config, workdir, step)
         return cls(config, variables, **kwargs)
 
     @classmethod
@@ -222,7 +223,7 @@ class Segmenter:
 
     @property
     def compilations(self) -> int:
-        """Programs compiled so far (one per bucket, batch size, test mode and output)."""
+        """Programs compiled so far (one per bucket, canvas, batch size, test mode, output)."""
         return len(self._compiled)
 
     def _run(self, images, kind: str, **overrides) -> np.ndarray | list[np.ndarray]:
@@ -230,19 +231,19 @@ class Segmenter:
             isinstance(images, np.ndarray) and images.ndim != 4
         )
         listed = [images] if single else list(images)  # a 4-D array: a list of images
-        options = self._options(**overrides)
+        options = self.options(**overrides)
         prepared = [self._prepare(image, i) for i, image in enumerate(listed)]
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(prepared):
-            groups.setdefault(self._bucket(p), []).append(i)
+            groups.setdefault(self.program_of(p.shape[:2]), []).append(i)
         results: list[np.ndarray | None] = [None] * len(listed)
         pending = None  # the previous batch: read back while the device runs the next
-        for (pad, out), members in groups.items():
+        for (bucket, canvas), members in groups.items():
             size = group_batch_size(self.batch_size, len(members))
-            program = self._program(kind, options, size, pad, out)
+            program = self._program(kind, options, size, bucket, canvas)
             for start in range(0, len(members), size):
                 chosen = members[start : start + size]
-                outputs = program(self._host_batch([prepared[i] for i in chosen], size, pad))
+                outputs = program(*host_batch([prepared[i] for i in chosen], size, bucket))
                 if pending is not None:
                     self._collect(results, prepared, *pending)
                 pending = (chosen, outputs)
@@ -250,52 +251,60 @@ class Segmenter:
             self._collect(results, prepared, *pending)
         return results[0] if single else results
 
-    def _options(self, mode=None, scales=None, flip=None) -> evaluate.EvalOptions:
+    def options(self, mode=None, scales=None, flip=None) -> evaluate.EvalOptions:
+        """The test mode of `config.eval` with `mode`, `scales`, `flip` changed where given."""
         asked = {"mode": mode, "scales": scales, "flip": flip}
         eval_config = dict(self.eval_config, **{k: v for k, v in asked.items() if v is not None})
         return evaluate.eval_options(eval_config)
 
-    def _prepare(self, image: ImageLike, index: int) -> _Prepared:
+    def _prepare(self, image: ImageLike, index: int) -> np.ndarray:
         rgb = as_rgb(image, where=f"image {index}")
         if min(rgb.shape[:2]) < 1:
             raise UnsupportedImageError(f"image {index} is empty: shape {rgb.shape}")
-        return _Prepared(rgb, augment.keep_ratio_size(rgb.shape[:2], self.test_size))
+        if max(rgb.shape[:2]) > preprocess.LARGEST_SIDE:
+            raise UnsupportedImageError(
+                f"image {index} of shape {rgb.shape} is larger than "
+                f"{preprocess.LARGEST_SIDE} pixels a side: resize it first"
+            )
+        return rgb
 
-    def _bucket(self, prepared: _Prepared) -> tuple[tuple[int, int], tuple[int, int]]:
-        pad, out = prepared.resized, prepared.size
-        if self.size_buckets:
-            pad, out = tuple(map(size_bucket, pad)), tuple(map(size_bucket, out))
-        return tuple(pad), tuple(out)
+    def program_of(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(bucket, canvas) of an image of `size` (h, w): the shape it is padded to and
+        predicted at, and the shape its resized image (`preprocess.resized_size`) is padded
+        to, each the next size of `size_bucket`'s ladder (the sizes themselves with
+        `size_buckets=False`). One program serves each."""
+        resized = preprocess.resized_size(size, self.test_size)
+        if not self.size_buckets:
+            return tuple(size), resized
+        return tuple(map(size_bucket, size)), tuple(map(size_bucket, resized))
 
-    def _host_batch(self, examples: list[_Prepared], size: int, pad: tuple[int, int]) -> dict:
-        """A batch in input_pipeline's eval format (the evaluation's preprocessing,
-        `augment.eval_transform`), completed with masked fillers."""
-        image = np.zeros((size, *pad, 3), np.float32)
-        image_size = np.zeros((size, 2), np.int32)
-        label_size = np.zeros((size, 2), np.int32)
-        for i, example in enumerate(examples):
-            normalized = augment.eval_transform(example.rgb, self.test_size)
-            h, w = normalized.shape[:2]
-            image[i, :h, :w] = normalized
-            image_size[i], label_size[i] = (h, w), example.size
-        return {"image": image, "image_size": image_size, "label_size": label_size}
+    def function(self, kind: str, options: evaluate.EvalOptions, bucket, canvas):
+        """The pure prediction function of one (bucket, canvas) program: (variables, uint8
+        images [b, *bucket, 3] with each image at the top left, int32 sizes [b, 2]) ->
+        int32 labels [b, *bucket] (kind "labels") or float32 probabilities [b, *bucket, C]
+        ("probabilities"), each image's at its top left. The device-side preprocessing
+        (`preprocess.eval_batch`) and `evaluate.predict_batch`; `pne_jax.export` exports it."""
+        infer = evaluate.predict_batch if kind == "labels" else evaluate.predict_probabilities
+        model, test_size = self.model, self.test_size
+        bucket, canvas = tuple(map(int, bucket)), tuple(map(int, canvas))
 
-    def _program(self, kind: str, options: evaluate.EvalOptions, size: int, pad, out):
-        """The jitted prediction of one (kind, test mode, batch size, bucket), placed on the
-        local devices that divide the batch."""
-        key = (kind, options, size, pad, out)
+        def predict(variables, images, sizes):
+            batch = preprocess.eval_batch(images, sizes, test_size, canvas)
+            return infer(model, variables, batch, bucket, options)
+
+        return predict
+
+    def _program(self, kind: str, options: evaluate.EvalOptions, size: int, bucket, canvas):
+        """`function`, jitted for batches of `size`, placed on the local devices that
+        divide the batch."""
+        key = (kind, options, size, bucket, canvas)
         if key not in self._compiled:
             sharding, variables = self._placement(size)
-            infer = evaluate.predict_batch if kind == "labels" else evaluate.predict_probabilities
-            model = self.model
+            jitted = jax.jit(self.function(kind, options, bucket, canvas), out_shardings=sharding)
 
-            def predict(variables, batch):
-                return infer(model, variables, batch, out, options)
-
-            jitted = jax.jit(predict, out_shardings=sharding)
-
-            def run(batch, jitted=jitted, variables=variables, sharding=sharding):
-                return jitted(variables, jax.device_put(batch, sharding))
+            def run(images, sizes, jitted=jitted, variables=variables, sharding=sharding):
+                images, sizes = jax.device_put((images, sizes), sharding)
+                return jitted(variables, images, sizes)
 
             self._compiled[key] = run
         return self._compiled[key]
@@ -310,10 +319,10 @@ class Segmenter:
         return self._placed[count]
 
     @staticmethod
-    def _collect(results: list, prepared: list[_Prepared], chosen: list[int], outputs) -> None:
+    def _collect(results: list, prepared: list[np.ndarray], chosen: list[int], outputs) -> None:
         outputs = np.asarray(outputs)
         for row, i in enumerate(chosen):
-            h, w = prepared[i].size
+            h, w = prepared[i].shape[:2]
             results[i] = np.ascontiguousarray(outputs[row, :h, :w])
 
     # ----------------------------------------------------------------------------------
@@ -322,9 +331,7 @@ class Segmenter:
     @property
     def class_names(self) -> list[str] | None:
         """The dataset's class names (None for a dataset pne-jax does not know)."""
-        from pne_jax.train import dataset_class_names
-
-        return dataset_class_names(self.config)
+        return labels.class_names_for(self.config.data.name, self.num_classes)
 
     @property
     def palette(self) -> np.ndarray:

@@ -389,15 +389,6 @@ def _prepare_quietly(name: str, data_dir: str, options: dict) -> None:
         logging.info("%s", lines[-1], extra={"file_only": done})
 
 
-def dataset_class_names(config: ml_collections.ConfigDict) -> list[str] | None:
-    """The dataset's class names, if it is one of `pne_jax.datasets` with as many classes as
-    the model."""
-    if not datasets.is_known_dataset(config.data.name):
-        return None
-    names = list(datasets.dataset_meta(config.data.name).class_names)
-    return names if len(names) == config.model.num_classes else None
-
-
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -567,7 +558,7 @@ def _train(
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
-        class_names = dataset_class_names(config)
+        class_names = datasets.class_names_for(config.data.name, config.model.num_classes)
         writer = jsonl = None
         if jax.process_index() == 0:
             writer = metric_writers.SummaryWriter(workdir)  # TensorBoard; the console: below
@@ -705,38 +696,48 @@ def load_variables(
                 f"no checkpoint of step {step} in {directory}; saved steps: {sorted(steps)}"
             )
         step = int(step)
-        model = build_model(config.model)
-        replicated = NamedSharding(make_mesh(), P())
-        image = jnp.zeros((1, *config.data.crop_size, 3), jnp.float32)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-            {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
-        )
-        differences = checkpoint.config_differences(
-            {"model": ckpt.saved_config(step).get("model", {})},
-            {"model": _config_dict(config)["model"]},
-            allowed=("model.pretrained", "model.init_from", "model.dtype"),
-        )
-        try:
-            variables = ckpt.restore_variables(step, abstract)
-        except ValueError as e:
-            if not differences:
-                raise
-            raise ValueError(
-                f"{e}\nModel config fields that differ (saved -> current):\n  "
-                + "\n  ".join(differences)
-            ) from None
-        if differences:
-            logging.warning(
-                "checkpoint step %d was trained with other model settings (saved -> current), "
-                "its parameters fit this model:\n  %s",
-                step,
-                "\n  ".join(differences),
-            )
+        variables = restore_model_variables(ckpt, config, step)
     finally:
         ckpt.close()
     return variables, step
+
+
+def restore_model_variables(
+    ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict, step: int
+) -> dict:
+    """The model variables of saved `step` of an open checkpointer, replicated over all
+    devices; ValueError naming the parameters when they are another model's, with the
+    model config fields that differ from the saved ones."""
+    model = build_model(config.model)
+    replicated = NamedSharding(make_mesh(), P())
+    image = jnp.zeros((1, *config.data.crop_size, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
+    )
+    differences = checkpoint.config_differences(
+        {"model": ckpt.saved_config(step).get("model", {})},
+        {"model": _config_dict(config)["model"]},
+        allowed=("model.pretrained", "model.init_from", "model.dtype"),
+    )
+    try:
+        variables = ckpt.restore_variables(step, abstract)
+    except ValueError as e:
+        if not differences:
+            raise
+        raise ValueError(
+            f"{e}\nModel config fields that differ (saved -> current):\n  "
+            + "\n  ".join(differences)
+        ) from None
+    if differences:
+        logging.warning(
+            "checkpoint step %d was trained with other model settings (saved -> current), "
+            "its parameters fit this model:\n  %s",
+            step,
+            "\n  ".join(differences),
+        )
+    return variables
 
 
 def whole_model_variables(config: ml_collections.ConfigDict) -> dict:
@@ -762,7 +763,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     mesh = make_mesh()
     model = build_model(config.model)
     variables, step = load_variables(config, workdir)
-    class_names = dataset_class_names(config)
+    class_names = datasets.class_names_for(config.data.name, config.model.num_classes)
     results = evaluate.evaluate(
         model,
         variables,

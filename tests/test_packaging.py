@@ -178,7 +178,7 @@ print(sorted(datasets.DATASETS))
 def test_console_command_help_and_bad_configs(user):
     script = os.path.join(user.site, "bin", "pne-jax")
     result = user([script, "--help"])
-    for command in ("train", "eval", "predict", "prepare", "convert"):
+    for command in ("train", "eval", "predict", "export", "prepare", "convert"):
         assert f"  {command} " in result.stdout
     assert "--workdir" in user([script, "train", "--help"]).stdout
     assert "--images" in user([script, "predict", "--help"]).stdout
@@ -248,3 +248,17 @@ def test_prepare_train_evaluate_predict_from_the_install(user, tmp_path):
     official = np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22], np.uint8)
     same_image = np.asarray(Image.open(out / written))  # its train ids, from the first run
     np.testing.assert_array_equal(label_ids, official[same_image])
+
+    # Exported from the install, run by the copy of the runtime the export wrote.
+    exported = tmp_path / "exported"
+    export = [*python_m, "export", f"--workdir={workdir}", f"--out={exported}"]
+    user([*export, "--sizes=64x128", "--formats=stablehlo"])
+    runtime = (
+        f"import sys, numpy as np; from PIL import Image; sys.path.insert(0, {str(exported)!r})\n"
+        "import pne_exported\n"
+        f"model = pne_exported.load({str(exported)!r})\n"
+        f"image = np.asarray(Image.open({str(images / 'a.png')!r}))\n"
+        f"np.save({str(tmp_path / 'exported.npy')!r}, model.segment(image))\n"
+    )
+    user([sys.executable, "-c", runtime])
+    np.testing.assert_array_equal(np.load(tmp_path / "exported.npy"), label)

@@ -6,6 +6,7 @@ and ids follow cityscapesScripts, bad inputs are reported."""
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import subprocess
 import sys
@@ -307,3 +308,38 @@ def test_segmenter_from_a_workdir_or_a_checkpoint(trained, predicted, tmp_path):
         Segmenter.from_workdir(workdir, step=7)
     with pytest.raises(FileNotFoundError, match="no checkpoints in"):
         Segmenter.from_workdir(str(tmp_path))
+
+
+def test_export_cli_on_a_workdir(trained, predicted, tmp_path):
+    """`pne-jax export` on a run, then the exported model run by its own runtime (in this
+    process, so it is not fresh: tests/test_export.py runs it where pne-jax is not): the
+    predict command's labels. Bad flags are one line each."""
+    _, _, workdir, images = trained
+    out = tmp_path / "exported"
+
+    def export(*flags):
+        command = [sys.executable, "-m", "pne_jax", "export", f"--workdir={workdir}", *flags]
+        return subprocess.run(
+            command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+
+    result = export(f"--out={out}", "--sizes=128x256", "--formats=stablehlo")
+    assert result.returncode == 0, result.stderr
+    assert f"exported StableHLO for cpu to {out}" in result.stdout
+    assert not (out / "saved_model").exists()
+    spec = importlib.util.spec_from_file_location("pne_exported", out / "pne_exported.py")
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    model = runtime.load(str(out))
+    for i in range(NUM_VALIDATION):
+        image = np.asarray(Image.open(os.path.join(images, _name(i))))
+        want = np.asarray(Image.open(os.path.join(predicted, _name(i)[:-4] + ".png")))
+        np.testing.assert_array_equal(model.segment(image), want)
+    for flags, message in [
+        ([f"--out={out}"], "is not empty: export into a new folder"),
+        ([f"--out={tmp_path / 'a'}", "--sizes=128by256"], "'128by256' is not HEIGHTxWIDTH"),
+    ]:
+        result = export(*flags)
+        assert result.returncode == 1, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, result.stderr

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pne_jax.models import BACKBONES, build_model
+from pne_jax.models import BACKBONES, build_model, numpy_init
 
 # The paper's models: (config, image size, logits stride, aux-logits stride).
 PAPER_MODELS = {
@@ -69,24 +69,8 @@ def _model(**config):
 
 
 def _random_variables(model, x, seed=0):
-    """Variables shaped as `model.init` gives them: kernels N(0, 1/fan_in), BN scale ~1,
-    biases and running means small, running variances in [0.5, 1.5]."""
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if name.endswith("['kernel']"):
-            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name.endswith("['var']"):
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        elif name.endswith("['scale']"):
-            value = 1 + 0.1 * rng.normal(size=leaf.shape)
-        else:
-            value = 0.1 * rng.normal(size=leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    """`numpy_init.random_variables`, as jax arrays."""
+    return jax.tree.map(jnp.asarray, numpy_init.random_variables(model, x, seed))
 
 
 def test_every_backbone_of_the_paper_and_the_tests_is_registered():

@@ -21,6 +21,7 @@ from typing import Any
 from pne_jax.datasets.labels import (
     DATASETS,
     DatasetMeta,
+    class_names_for,
     dataset_meta,
     dataset_name,
     is_known_dataset,
@@ -45,6 +46,7 @@ __all__ = [
     "DATASETS",
     "DEFAULT_DATA_DIR",
     "DatasetMeta",
+    "class_names_for",
     "dataset_meta",
     "dataset_name",
     "hide_accelerators_from_tf",

@@ -343,3 +343,12 @@ def dataset_meta(name: str) -> DatasetMeta:
     """Class names, palette, number of classes and ignore index of a dataset (short or
     registered name)."""
     return DATASETS[dataset_name(name)]
+
+
+def class_names_for(name: str, num_classes: int) -> list[str] | None:
+    """The class names of dataset `name` for a model of `num_classes` classes: None when
+    pne-jax does not know the dataset or it has another number of classes."""
+    if not is_known_dataset(name):
+        return None
+    names = list(dataset_meta(name).class_names)
+    return names if len(names) == num_classes else None
