@@ -94,37 +94,41 @@ def export(
 
     staging = f"{out.rstrip(os.sep)}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(os.path.join(staging, "stablehlo"))
-    weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-    (batch,) = jax.export.symbolic_shape("b")
-    entries = []
-    for bucket, canvas in programs:
-        name = f"stablehlo/{bucket[0]}x{bucket[1]}_canvas{canvas[0]}x{canvas[1]}.jax"
-        exported = jax.export.export(jax.jit(flat(bucket, canvas)), platforms=platforms)(
-            weight_specs,
-            jax.ShapeDtypeStruct((batch, *bucket, 3), jnp.uint8),
-            jax.ShapeDtypeStruct((batch, 2), jnp.int32),
-        )
-        with open(os.path.join(staging, name), "wb") as f:
-            f.write(exported.serialize())
-        entries.append({"bucket": list(bucket), "canvas": list(canvas), "file": name})
-        logging.info("exported %s for %s", name, ", ".join(platforms))
-    weights = {str(i): x for i, x in enumerate(leaves)}
-    np.savez(os.path.join(staging, "stablehlo", "weights.npz"), **weights)
-    shutil.copyfile(export_runtime.__file__, os.path.join(staging, RUNTIME_NAME))
-    manifest = _manifest(segmenter, options, entries, platforms, sizes)
-    if "saved_model" in formats:
-        _saved_model(
-            os.path.join(staging, "saved_model"), leaves, programs, flat, platforms, segmenter
-        )
-        manifest["saved_model"] = {
-            "path": "saved_model",
-            "signature": "serving_default",
-            "inputs": {"image": "uint8 [H, W, 3]"},
-            "outputs": {"labels": "int32 [H, W]"},
-        }
-    with open(os.path.join(staging, export_runtime.MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
+    try:
+        os.makedirs(os.path.join(staging, "stablehlo"))
+        weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        (batch,) = jax.export.symbolic_shape("b")
+        entries = []
+        for bucket, canvas in programs:
+            name = f"stablehlo/{bucket[0]}x{bucket[1]}_canvas{canvas[0]}x{canvas[1]}.jax"
+            exported = jax.export.export(jax.jit(flat(bucket, canvas)), platforms=platforms)(
+                weight_specs,
+                jax.ShapeDtypeStruct((batch, *bucket, 3), jnp.uint8),
+                jax.ShapeDtypeStruct((batch, 2), jnp.int32),
+            )
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(exported.serialize())
+            entries.append({"bucket": list(bucket), "canvas": list(canvas), "file": name})
+            logging.info("exported %s for %s", name, ", ".join(platforms))
+        weights = {str(i): x for i, x in enumerate(leaves)}
+        np.savez(os.path.join(staging, "stablehlo", "weights.npz"), **weights)
+        shutil.copyfile(export_runtime.__file__, os.path.join(staging, RUNTIME_NAME))
+        manifest = _manifest(segmenter, options, entries, platforms, sizes)
+        if "saved_model" in formats:
+            _saved_model(
+                os.path.join(staging, "saved_model"), leaves, programs, flat, platforms, segmenter
+            )
+            manifest["saved_model"] = {
+                "path": "saved_model",
+                "signature": "serving_default",
+                "inputs": {"image": "uint8 [H, W, 3]"},
+                "outputs": {"labels": "int32 [H, W]"},
+            }
+        with open(os.path.join(staging, export_runtime.MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+    except BaseException:  # nothing half-written is left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if os.path.exists(out):
         os.rmdir(out)
     os.replace(staging, out)  # the folder appears whole, or not at all
@@ -179,8 +183,14 @@ def _manifest(segmenter, options, entries, platforms, sizes) -> dict[str, Any]:
 def _saved_model(path, leaves, programs, flat, platforms, segmenter: Segmenter) -> None:
     """A TF SavedModel whose serving signature takes one uint8 image of any size, picks its
     program by the runtime's rules (in TF ops), pads it, runs it, and crops the labels."""
-    import tensorflow as tf
-    from jax.experimental import jax2tf
+    try:
+        import tensorflow as tf
+        from jax.experimental import jax2tf
+    except ImportError as e:
+        raise ValueError(
+            f"the SavedModel needs TensorFlow ({e}): pip install tensorflow, or export "
+            "--formats=stablehlo alone"
+        ) from e
 
     module = tf.Module()
     module.weights = [tf.Variable(x, trainable=False) for x in leaves]

@@ -21,8 +21,8 @@ folder: cityscapesScripts' evalPixelLevelSemanticLabeling (and the test server) 
 prediction of `<city>_<seq>_<frame>_gtFine_labelIds.png` as the single file matching
 `<city>_<seq>_<frame>*.png` anywhere under the results folder, so the folder holds nothing else.
 
-Images are predicted `CHUNK_BATCHES` batches at a time, batched by size bucket (the
-Segmenter's: at most one compilation per bucket and batch size). An image that cannot be read
+Images are predicted `CHUNK_BATCHES` batches at a time, batched by program (the
+Segmenter's: at most one compilation per program and batch size). An image that cannot be read
 is logged and skipped; the CLI lists the failures at the end and exits non-zero.
 """
 

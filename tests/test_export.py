@@ -184,3 +184,14 @@ def test_bad_arguments():
     assert export.parse_sizes("1024x2048, 512X1024") == [(1024, 2048), (512, 1024)]
     with pytest.raises(ValueError, match="--platforms: gpu; choose one or more of cpu, cuda"):
         export._choices(["cpu", "gpu"], export.PLATFORMS, "platforms")
+
+
+def test_a_failed_export_leaves_nothing(variables, tmp_path, monkeypatch):  # noqa: F811
+    def fail(*args, **kwargs):
+        raise RuntimeError("TensorFlow fell over")
+
+    monkeypatch.setattr(export, "_saved_model", fail)
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="fell over"):
+        export.export(Segmenter(_config(), variables), str(out), [(30, 30)])
+    assert sorted(os.listdir(tmp_path)) == []

@@ -207,6 +207,7 @@ def test_images_of_other_kinds(segmenter, tmp_path, caplog):
         (rgb[..., :2], "uint8 array of shape (40, 60, 2)"),
         (rgb[None], "uint8 array of shape (1, 40, 60, 3)"),
         (np.zeros((0, 5, 3), np.uint8), "is empty"),
+        (np.zeros((1, 16385, 3), np.uint8), "larger than 16384 pixels a side"),
     ]:
         with pytest.raises(
             UnsupportedImageError, match=shown.replace("(", r"\(").replace(")", r"\)")
