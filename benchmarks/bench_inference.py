@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,7 +42,7 @@ from pne_jax import configs, evaluate, preprocess
 from pne_jax.configs import common
 from pne_jax.models import build_model
 from pne_jax.models.numpy_init import random_variables
-from pne_jax.segmenter import Segmenter, group_batch_size, host_batch
+from pne_jax.segmenter import Segmenter, host_batch
 
 SIZES = ((1024, 2048), (512, 1024))  # (h, w): Cityscapes frames, and half-size ones
 
@@ -75,17 +75,6 @@ def image_stream(n: int, scale: float, seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def batches(segmenter: Segmenter, stream: list[np.ndarray]) -> Iterator[tuple]:
-    """segment's batches of `stream`: (size, bucket, canvas, members) in its order."""
-    groups: dict[tuple, list[int]] = {}
-    for i, image in enumerate(stream):
-        groups.setdefault(segmenter.program_of(image.shape[:2]), []).append(i)
-    for (bucket, canvas), members in groups.items():
-        size = group_batch_size(segmenter.batch_size, len(members))
-        for start in range(0, len(members), size):
-            yield size, bucket, canvas, members[start : start + size]
-
-
 def _twice(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     """fn(*args) and the seconds of this second call (the first pays one-off costs)."""
     fn(*args)
@@ -109,7 +98,7 @@ def device_runs(segmenter: Segmenter, stream: list[np.ndarray], options: evaluat
     evaluation batches (both placed beforehand, outputs blocked on), and the host's work
     (host_batch, device_put, read back + crop) per stream in seconds, stage by stage."""
     program, model, host = [], [], np.zeros(3)
-    for size, bucket, canvas, chosen in batches(segmenter, stream):
+    for size, bucket, canvas, chosen in segmenter.batches([i.shape[:2] for i in stream]):
         sharding, variables = segmenter._placement(size)
         uint8, host_batch_s = _twice(host_batch, [stream[i] for i in chosen], size, bucket)
         placed, put_s = _twice(_put, uint8, sharding)

@@ -233,23 +233,28 @@ class Segmenter:
         listed = [images] if single else list(images)  # a 4-D array: a list of images
         options = self.options(**overrides)
         prepared = [self._prepare(image, i) for i, image in enumerate(listed)]
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(prepared):
-            groups.setdefault(self.program_of(p.shape[:2]), []).append(i)
         results: list[np.ndarray | None] = [None] * len(listed)
         pending = None  # the previous batch: read back while the device runs the next
-        for (bucket, canvas), members in groups.items():
-            size = group_batch_size(self.batch_size, len(members))
+        for size, bucket, canvas, chosen in self.batches([p.shape[:2] for p in prepared]):
             program = self._program(kind, options, size, bucket, canvas)
-            for start in range(0, len(members), size):
-                chosen = members[start : start + size]
-                outputs = program(*host_batch([prepared[i] for i in chosen], size, bucket))
-                if pending is not None:
-                    self._collect(results, prepared, *pending)
-                pending = (chosen, outputs)
+            outputs = program(*host_batch([prepared[i] for i in chosen], size, bucket))
+            if pending is not None:
+                self._collect(results, prepared, *pending)
+            pending = (chosen, outputs)
         if pending is not None:
             self._collect(results, prepared, *pending)
         return results[0] if single else results
+
+    def batches(self, sizes: Sequence[tuple[int, int]]):
+        """The batches images of `sizes` (h, w) are predicted in, in order: (batch size,
+        bucket, canvas, indices of the images), grouped by `program_of`."""
+        groups: dict[tuple, list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(self.program_of(size), []).append(i)
+        for (bucket, canvas), members in groups.items():
+            size = group_batch_size(self.batch_size, len(members))
+            for start in range(0, len(members), size):
+                yield size, bucket, canvas, members[start : start + size]
 
     def options(self, mode=None, scales=None, flip=None) -> evaluate.EvalOptions:
         """The test mode of `config.eval` with `mode`, `scales`, `flip` changed where given."""
