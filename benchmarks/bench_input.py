@@ -1,34 +1,43 @@
-"""Training input throughput on Cityscapes-sized examples: decoding alone vs the full pipeline.
+"""Training input per host core at Cityscapes size, for each storage form and augmentation path.
 
-Writes a small fake prepared set to a temporary directory: 2048x1024 photo-like RGB PNGs
-(about Cityscapes' 2 MB each) with 19-class label PNGs, one array_record file of PNG-encoded
-examples, which is what tfds' array_record data sources read. Then it measures, on this machine:
+Prepares a fake Cityscapes-sized set with the real dataset builder, once in each storage form
+(`encoded`: the images' PNG bytes and PNG labels; `raw`: `pne_jax.datasets.raw_pixels`):
+photo-like 2048x1024 RGB images (smooth colour fields, texture, sensor noise; about
+Cityscapes' 2 MB PNGs) with 19-class blob labels. Then it measures, side by side in one run:
 
-- decoding alone, per image on one core, and as a rate through grain with `--workers` processes;
-- the augmentation chain alone (rescale 0.5-2x, 512x1024 crop with cat_max_ratio, flip,
-  photometric distortion, normalise, pad) per image on one core, on decoded arrays;
-- the training pipeline (`train_iterator`: decode + augmentation + batching) in images/s.
+- per form: disk MB per example, and CPU ms per example to read and decode it;
+- per path (form x where the augmentation runs): CPU ms per training example on one core
+  (what a grain worker does: read, decode, augment; all of the process's threads counted),
+  the images/s one core delivers, and how many cores the H200 step of the paper run needs
+  (8 images every 68 ms: 118 images/s);
+- the training pipeline through grain with `--workers` processes, images/s in wall time.
 
-    python -m benchmarks.bench_input --workers=2     # or --workers=0 --threads=2
+CPU time is robust to other load on this shared machine; the wall-time rates are not.
+
+    python -m benchmarks.bench_input                 # 8 examples, 2 workers
+    python -m benchmarks.bench_input --examples=16 --workers=2 --batches=6
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import struct
 import tempfile
 import time
+from typing import Any
 
-import grain
 import ml_collections
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from pne_jax import augment, input_pipeline
 from pne_jax.configs import common
+from pne_jax.datasets import STORAGE_FORMS
+from pne_jax.datasets.labels import CITYSCAPES
+from pne_jax.datasets.semseg import SemSegBuilder, encode_png
+
+# The paper run on one H200 (issue 17's budget): 8 images of 512x1024 per 68 ms step.
+STEP_IMAGES, STEP_SECONDS = 8, 0.068
 
 
 def fake_example(rng: np.random.Generator, h: int = 1024, w: int = 2048):
@@ -49,49 +58,51 @@ def fake_example(rng: np.random.Generator, h: int = 1024, w: int = 2048):
     return image, label
 
 
-def _png(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="PNG")
-    return out.getvalue()
+class FakeCityscapes(SemSegBuilder, skip_registration=True):
+    """`num_train` fake examples of Cityscapes' size, prepared like a real dataset."""
+
+    name = "bench_input_cityscapes"
+    META = CITYSCAPES
+    IMAGE_FORMAT = "png"
+    NUM_TRAIN = 8
+
+    def list_items(self, manual_dir: str | None) -> dict[str, list[Any]]:
+        return {"train": list(range(self.NUM_TRAIN))}
+
+    def load_item(self, index: int) -> dict[str, Any]:
+        image, label = fake_example(np.random.default_rng([0, index]))
+        return {"image": encode_png(image), "label": label, "name": f"fake_{index:04d}"}
 
 
-def write_fake_set(path: str, num_examples: int, seed: int = 0) -> float:
-    """Writes PNG-encoded examples to one array_record file; returns the mean image PNG MB."""
-    rng = np.random.default_rng(seed)
-    writer = ArrayRecordWriter(path, "group_size:1")
-    sizes = []
-    for _ in range(num_examples):
-        image_png, label_png = (_png(a) for a in fake_example(rng))
-        writer.write(struct.pack("<I", len(image_png)) + image_png + label_png)
-        sizes.append(len(image_png) / 1e6)
-    writer.close()
-    return float(np.mean(sizes))
+def prepare_fake(data_dir: str, num_examples: int, storage: str) -> FakeCityscapes:
+    FakeCityscapes.NUM_TRAIN = num_examples
+    builder = FakeCityscapes(
+        data_dir=data_dir, storage=storage, expected_split_sizes={"train": num_examples}
+    )
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    return builder
 
 
-class PngPairSource:
-    """Random access to decoded examples of the file write_fake_set made (picklable)."""
-
-    def __init__(self, path: str):
-        self._records = grain.sources.ArrayRecordDataSource([path])
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self._records[index]
-        (n,) = struct.unpack("<I", record[:4])
-        image = np.asarray(Image.open(io.BytesIO(record[4 : 4 + n])))
-        label = np.asarray(Image.open(io.BytesIO(record[4 + n :])))
-        return {"image": image, "label": label}
+def _disk_mb(path) -> float:
+    files = [os.fspath(p) for p in path.iterdir() if "array_record" in p.name]
+    return sum(os.path.getsize(f) for f in files) / 1e6
 
 
-class _Decode:
-    def __init__(self, source):
-        self.source = source
+def _cpu_ms(fn, count: int) -> float:
+    """CPU ms per call of fn(i), i = 0..count-1, over all threads of this process."""
+    fn(0)  # warm-up
+    start = time.process_time()
+    for i in range(count):
+        fn(i)
+    return (time.process_time() - start) / count * 1e3
 
-    def __call__(self, i):
-        example = self.source[i % len(self.source)]
-        return {"image": example["image"], "label": example["label"]}
+
+def _config(workers: int, threads: int, batch: int) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict({"data": common.cityscapes()})
+    config.data.num_workers, config.data.num_threads = workers, threads
+    config.train = {"global_batch_size": batch}
+    return config
 
 
 def _rate(iterator, num_batches: int, batch: int) -> tuple[float, float]:
@@ -106,48 +117,59 @@ def _rate(iterator, num_batches: int, batch: int) -> tuple[float, float]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--examples", type=int, default=8, help="fake examples written")
+    parser.add_argument("--examples", type=int, default=8, help="fake examples prepared")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per pipeline")
+    parser.add_argument("--batches", type=int, default=4, help="timed batches per pipeline")
     parser.add_argument("--workers", type=int, default=2, help="processes (0: this one)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
+    parser.add_argument("--data_dir", default=None, help="reuse a folder (default: a new one)")
     args = parser.parse_args(argv)
 
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run")
-    path = os.path.join(tempfile.mkdtemp(prefix="bench_input_"), "train.array_record")
-    start = time.perf_counter()
-    mb = write_fake_set(path, args.examples)
-    print(f"wrote {args.examples} examples (image PNG {mb:.2f} MB) in "
-          f"{time.perf_counter() - start:.0f} s to {path}")  # fmt: skip
-    source = PngPairSource(path)
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_input_")
+    sources, builders = {}, {}
+    for storage in STORAGE_FORMS:
+        start = time.perf_counter()
+        builders[storage] = prepare_fake(data_dir, args.examples, storage)
+        sources[storage] = builders[storage].as_data_source("train")
+        print(f"prepared {args.examples} examples as {storage!r} in "
+              f"{time.perf_counter() - start:.0f} s at {builders[storage].data_path}")  # fmt: skip
 
-    source[0]  # warm-up
-    start = time.thread_time()  # CPU time: robust to other load on the machine
-    decoded = [source[i] for i in range(len(source))]
-    decode_ms = (time.thread_time() - start) / len(source) * 1e3
-    aug = input_pipeline.train_augment(ml_collections.ConfigDict({"data": common.cityscapes()}))
-    start = time.thread_time()
-    for i, ex in enumerate(decoded * 2):
-        augment.train_transform(np.random.default_rng(i), ex["image"], ex["label"], aug)
-    augment_ms = (time.thread_time() - start) / (2 * len(decoded)) * 1e3
-    print(f"CPU time per image: decode {decode_ms:.0f} ms, augment {augment_ms:.0f} ms "
-          f"(augment / decode = {augment_ms / decode_ms:.2f})")  # fmt: skip
+    aug = input_pipeline.train_augment(_config(0, 1, args.batch))
+    rows = []
+    n = args.examples
+    for storage in STORAGE_FORMS:
+        src = sources[storage]
+        read_ms = _cpu_ms(lambda i, src=src: src[i % n], n)
+
+        def host_step(i, src=src):
+            ex = src[i % n]
+            augment.train_transform(np.random.default_rng(i), ex["image"], ex["label"], aug)
+
+        train_ms = _cpu_ms(host_step, 2 * n)
+        rows.append((storage, "host", _disk_mb(builders[storage].data_path) / n, read_ms, train_ms))
+
+    need = STEP_IMAGES / STEP_SECONDS
+    print(f"\nPer example, CPU time on one core; cores needed for {need:.0f} images/s "
+          f"(an H200 step of {STEP_SECONDS * 1e3:.0f} ms on {STEP_IMAGES} images):")  # fmt: skip
+    print("| storage | augmentation | MB / example | read + decode | training example "
+          "| images/s per core | cores needed |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for storage, where, mb, read_ms, train_ms in rows:
+        per_core = 1e3 / train_ms
+        print(f"| {storage} | {where} | {mb:.2f} | {read_ms:.1f} ms | {train_ms:.1f} ms "
+              f"| {per_core:.1f} | {need / per_core:.1f} |")  # fmt: skip
 
     how = f"{args.workers} worker processes x {args.threads} threads"
-    decode_ds = grain.MapDataset.range(10**9).map(_Decode(source)).batch(args.batch)
-    it = input_pipeline.iterate(decode_ds, args.workers, args.threads)
-    startup, rate = _rate(it, args.batches, args.batch)
-    it.close()
-    print(f"decode only, {how}: {rate:.1f} images/s (start-up {startup:.1f} s)")
-
-    config = ml_collections.ConfigDict({"data": {"num_workers": args.workers}})
-    config.data.num_threads = args.threads
-    config.train = {"global_batch_size": args.batch}
-    it = input_pipeline.train_iterator(config, source=source, process_index=0, process_count=1)
-    startup, rate = _rate(it, args.batches, args.batch)
-    it.close()
-    print(f"train pipeline, {how}: {rate:.1f} images/s (start-up {startup:.1f} s; "
-          f"batches float32 [{args.batch}, 512, 1024, 3])")  # fmt: skip
+    print(f"\nThe training pipeline ({how}, batches of {args.batch}, wall time):")
+    config = _config(args.workers, args.threads, args.batch)
+    for storage in STORAGE_FORMS:
+        it = input_pipeline.train_iterator(
+            config, source=sources[storage], process_index=0, process_count=1
+        )
+        startup, rate = _rate(it, args.batches, args.batch)
+        it.close()
+        print(f"  {storage}, host augmentation: {rate:.1f} images/s (start-up {startup:.1f} s)")
     print(f"load average {os.getloadavg()[0]:.1f} after the run")
 
 

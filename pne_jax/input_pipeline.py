@@ -122,7 +122,8 @@ def open_source(config: ml_collections.ConfigDict, split: str) -> Source:
     hide_accelerators_from_tf()
     if datasets.is_known_dataset(name):
         data_dir = os.path.expanduser(data_dir or datasets.DEFAULT_DATA_DIR)
-        return datasets.data_source(name, split, data_dir, **data_field(config, "options"))
+        options = {**data_field(config, "options"), "storage": data_field(config, "storage")}
+        return datasets.data_source(name, split, data_dir, **options)
     import tensorflow_datasets as tfds
 
     return tfds.data_source(name, split=split, data_dir=data_dir)

@@ -362,7 +362,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
                 "this process (import its builder in your config file)"
             )
         return  # a prepared tfds dataset of the user's
-    options = dict(config.data.options)
+    options = {**config.data.options, "storage": config.data.storage}
     if datasets.dataset_name(config.data.name) == "synthetic":
         if jax.process_index() == 0:
             _prepare_quietly(config.data.name, config.data.data_dir, options)

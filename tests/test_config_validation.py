@@ -75,7 +75,7 @@ def test_an_override_of_a_missing_field_is_described():
         "--config.data.cropsize=3: config.data has no field 'cropsize' (did you mean "
         "config.data.crop_size?); config.data has base_size, cat_max_ratio, crop_size, "
         "data_dir, eval_label_pad_size, eval_pad_size, eval_split, flip_prob, ignore_index, "
-        "name, num_threads, num_workers, options, photometric, ratio_range, seed, test_size, "
+        "name, num_threads, num_workers, options, photometric, ratio_range, seed, storage, test_size, "
         "train_split, worker_buffer_size"
     )
     assert cli.override_problem(["x", "--config=demo", "--config.train.steps=3"]) is None

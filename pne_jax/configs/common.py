@@ -15,6 +15,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from pne_jax import datasets
+
 CITYSCAPES_CLASSES, ADE20K_CLASSES, COCO_STUFF_CLASSES = 19, 150, 171
 
 
@@ -132,6 +134,7 @@ def data(
             name=name,
             data_dir=placeholder(str),
             options={},
+            storage=datasets.DEFAULT_STORAGE,
             train_split="train",
             eval_split="validation",
             base_size=base_size,

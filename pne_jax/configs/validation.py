@@ -127,6 +127,7 @@ def value_problems(config: ml_collections.ConfigDict) -> list[str]:
     if not (_is_int(data.ignore_index) and 0 <= data.ignore_index <= 255):
         problems.append(f"config.data.ignore_index={data.ignore_index!r}: must be in [0, 255]")
     problems.append(_int_at_least("data.num_workers", data.num_workers, minimum=0))
+    problems.append(_storage_problem(data))
     problems.append(_int_at_least("eval.global_batch_size", config.eval.global_batch_size))
     problems.append(_int_at_least("model.num_classes", config.model.num_classes))
     pne = config.pne
@@ -140,6 +141,25 @@ def value_problems(config: ml_collections.ConfigDict) -> list[str]:
         if not (isinstance(gate, (tuple, list)) and len(gate) == 2 and gate[0] <= gate[1]):
             problems.append(f"config.pne.gate={gate!r}: must be (low, high) with low <= high")
     return [p for p in problems if p]
+
+
+def _storage_problem(data: ml_collections.ConfigDict) -> str | None:
+    from pne_jax import datasets
+
+    if data.storage not in datasets.STORAGE_FORMS:
+        return (
+            f"config.data.storage={data.storage!r}: must be one of "
+            f"{', '.join(datasets.STORAGE_FORMS)}"
+        )
+    if data.storage != datasets.DEFAULT_STORAGE and not (
+        data.name and datasets.is_known_dataset(data.name)
+    ):
+        return (
+            f"config.data.storage={data.storage!r} applies to pne-jax's datasets "
+            f"({', '.join(datasets.DATASETS)}); a tfds dataset of your own is read as it is "
+            f"prepared: set --config.data.storage={datasets.DEFAULT_STORAGE}"
+        )
+    return None
 
 
 def class_count_problem(config: ml_collections.ConfigDict) -> str | None:

@@ -30,6 +30,12 @@ from pne_jax.datasets.labels import (
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 """Where datasets are prepared and read unless `--data_dir` / `config.data.data_dir` says."""
 
+STORAGE_FORMS = ("encoded", "raw")
+"""How examples are stored (`pne-jax prepare --storage`, `config.data.storage`): `encoded`,
+the source's image bytes (PNG or JPEG) and PNG labels, the default and the least disk;
+`raw`, decoded pixels (`raw_pixels`), several times faster to read, in its own folder."""
+DEFAULT_STORAGE = STORAGE_FORMS[0]
+
 # Public names that need TensorFlow, and the module that defines each (imported on access).
 _LAZY = {
     "BUILDERS": "catalog",
@@ -45,6 +51,8 @@ _LAZY = {
 __all__ = [
     "DATASETS",
     "DEFAULT_DATA_DIR",
+    "DEFAULT_STORAGE",
+    "STORAGE_FORMS",
     "DatasetMeta",
     "class_names_for",
     "dataset_meta",

@@ -15,12 +15,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from pne_jax.datasets import hide_accelerators_from_tf
+from pne_jax.datasets import DEFAULT_STORAGE, STORAGE_FORMS, hide_accelerators_from_tf
 from pne_jax.datasets.ade20k import Ade20kSemseg
 from pne_jax.datasets.cityscapes import CityscapesSemseg
 from pne_jax.datasets.coco_stuff import CocoStuff164kSemseg
 from pne_jax.datasets.labels import dataset_name
-from pne_jax.datasets.semseg import SemSegBuilder
+from pne_jax.datasets.semseg import SemSegBuilder, StorageFormError
 from pne_jax.datasets.synthetic import SyntheticConfig, SyntheticSemseg
 
 BUILDERS: dict[str, type[SemSegBuilder]] = {
@@ -48,7 +48,8 @@ def make_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemS
 
     Options: for `synthetic`, any of num_train, num_validation, height, width, seed (they pick
     the config, hence the folder); for the others, `expected_split_sizes` ("official", a dict
-    of split -> count, or None to skip the check).
+    of split -> count, or None to skip the check); for all, `storage` (`STORAGE_FORMS`:
+    "encoded", the default, or "raw", in its own folder).
     """
     cls = builder_class(name)
     kwargs: dict[str, Any] = {"data_dir": os.path.expanduser(os.fspath(data_dir))}
@@ -56,7 +57,7 @@ def make_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemS
         config = SyntheticConfig(**{k: options.pop(k) for k in SYNTHETIC_OPTIONS if k in options})
         named = config.name in {c.name for c in cls.BUILDER_CONFIGS}
         kwargs["config"] = config.name if named else config  # a name: no "custom config" warning
-    unknown = set(options) - {"expected_split_sizes"}
+    unknown = set(options) - {"expected_split_sizes", "storage"}
     if unknown:
         raise TypeError(f"{cls.name}: unknown option(s) {sorted(unknown)}")
     return cls(**kwargs, **options)
@@ -71,7 +72,20 @@ def prepare_command(builder: SemSegBuilder) -> str:
         cmd += "".join(f" --{k}={getattr(cfg, k)}" for k in SYNTHETIC_OPTIONS)
     else:
         cmd += " --manual_dir=DIR"
+    if builder.storage != DEFAULT_STORAGE:
+        cmd += f" --storage={builder.storage}"
     return cmd
+
+
+def _other_storage(name: str, data_dir: str | os.PathLike, options: dict[str, Any]):
+    """A builder of the same dataset prepared in another storage form than `options` asks
+    for, or None."""
+    for storage in STORAGE_FORMS:
+        if storage != options.get("storage", DEFAULT_STORAGE):
+            other = make_builder(name, data_dir, **{**options, "storage": storage})
+            if other.is_prepared():
+                return other
+    return None
 
 
 def load_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemSegBuilder:
@@ -80,9 +94,24 @@ def load_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemS
     exists = builder.data_path.exists()
     if not (exists and builder.is_prepared()):
         state = "is incomplete (delete it and prepare again)" if exists else "does not exist"
+        other = None if exists else _other_storage(name, data_dir, options)
+        if other is not None:
+            raise NotPreparedError(
+                f"{builder.name} is prepared in the {other.storage!r} storage form at "
+                f"{other.data_path}, not in the {builder.storage!r} form asked for "
+                f"({builder.data_path} {state}). Prepare the {builder.storage!r} form with: "
+                f"{prepare_command(builder)}; or read the {other.storage!r} form "
+                f"(config.data.storage={other.storage!r})"
+            )
         raise NotPreparedError(
             f"{builder.name} is not prepared: {builder.data_path} {state}. "
             f"Prepare it with: {prepare_command(builder)}"
+        )
+    problem = builder.prepared_storage_problem()
+    if problem:  # a folder moved by hand: its records would not decode
+        raise StorageFormError(
+            f"{problem}; move it back to where its form belongs, or delete it and prepare "
+            f"again with: {prepare_command(builder)}"
         )
     problem = builder.prepared_size_problem()
     if problem:  # a subset prepared on purpose is fine to read, but say so
@@ -124,9 +153,11 @@ def tf_dataset(
         return record
 
     features = builder.info.features
+    # Encoded images get PIL's exact decoding; raw records have one decoding (raw_pixels).
+    decoders = {"image": _decode_image()} if builder.storage == DEFAULT_STORAGE else None
 
     def parse(record: tf.Tensor) -> dict[str, tf.Tensor]:
-        return features.deserialize_example(record, decoders={"image": _decode_image()})
+        return features.deserialize_example(record, decoders=decoders)
 
     return indices.map(read).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -19,10 +19,10 @@ from typing import Any
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 
-from pne_jax.datasets import DEFAULT_DATA_DIR
+from pne_jax.datasets import DEFAULT_DATA_DIR, DEFAULT_STORAGE, STORAGE_FORMS
 from pne_jax.datasets.catalog import BUILDERS, SYNTHETIC_OPTIONS, builder_class, make_builder
 from pne_jax.datasets.manual import BadSourceFileError, MissingManualFilesError
-from pne_jax.datasets.semseg import SemSegBuilder, SplitSizeError
+from pne_jax.datasets.semseg import SemSegBuilder, SplitSizeError, StorageFormError
 
 
 def prepare(
@@ -34,7 +34,8 @@ def prepare(
     """Prepares `name` in `data_dir` unless already prepared; returns its builder.
 
     manual_dir: where the downloaded archives are (default `<data_dir>/downloads/manual`).
-    options: see `catalog.make_builder` (synthetic sizes and seed; expected_split_sizes).
+    options: see `catalog.make_builder` (synthetic sizes and seed; expected_split_sizes;
+    storage, "encoded" or "raw": each form is prepared once, in its own folder).
     Raises `MissingManualFilesError`, `BadSourceFileError` or `SplitSizeError` (each naming
     the file, folder or counts) without leaving anything that looks prepared; also
     `SplitSizeError` when the data already prepared there has other split sizes than expected
@@ -43,6 +44,11 @@ def prepare(
     builder = make_builder(name, data_dir, **options)
     exists = builder.data_path.exists()
     if exists and builder.is_prepared():
+        problem = builder.prepared_storage_problem()
+        if problem:
+            raise StorageFormError(
+                f"{problem}; move it back to where its form belongs, or delete it and prepare again"
+            )
         problem = builder.prepared_size_problem()
         if problem:
             raise SplitSizeError(
@@ -97,6 +103,14 @@ def define_flags() -> None:
         "folder with the downloaded archives (default: <data_dir>/downloads/manual)",
     )
     flags.DEFINE_boolean("check_split_sizes", True, "check the published split sizes")
+    flags.DEFINE_enum(
+        "storage",
+        DEFAULT_STORAGE,
+        STORAGE_FORMS,
+        "how examples are stored: encoded (PNG/JPEG bytes, least disk) or raw (decoded "
+        "pixels, several times faster to read; its own folder, <name>_raw); read it with "
+        "config.data.storage",
+    )
     flags.DEFINE_integer("num_train", None, "synthetic: train images (default 400)")
     flags.DEFINE_integer("num_validation", None, "synthetic: validation images (default 100)")
     flags.DEFINE_integer("height", None, "synthetic: image height (default 128)")
@@ -122,7 +136,15 @@ def main(argv: list[str]) -> None:
             options[key] = FLAGS[key].value
     if not FLAGS.check_split_sizes:
         options["expected_split_sizes"] = None
+    if FLAGS.storage != DEFAULT_STORAGE:
+        options["storage"] = FLAGS.storage
     try:
         prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir, **options)
-    except (MissingManualFilesError, BadSourceFileError, SplitSizeError, FileExistsError) as e:
+    except (
+        MissingManualFilesError,
+        BadSourceFileError,
+        SplitSizeError,
+        StorageFormError,
+        FileExistsError,
+    ) as e:
         raise SystemExit(f"error: {e}") from None  # the message says it all; no traceback

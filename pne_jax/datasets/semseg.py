@@ -7,6 +7,11 @@ greyscale PNG stays PNG, JPEG stays JPEG: no second lossy encoding); any other i
 palette, alpha, CMYK, ...) is converted by `images.to_rgb`'s rule, the one prediction uses,
 and stored as 8-bit RGB PNG, so every stored image decodes alike in PIL and TensorFlow.
 Labels are read by `images.to_label` (8 or 16 bit, values 0..255), mapped and stored as PNG.
+
+That is the default storage form, `encoded`. The `raw` form (`storage="raw"`) stores the
+decoded pixels instead, image and label (`raw_pixels`), several times faster to read; each
+form has its own folder (`<name>_raw` beside `<name>`), so the two never mix, and the form is
+recorded in the prepared data's metadata.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
+from tensorflow_datasets.core import writer as tfds_writer
 
+from pne_jax.datasets import DEFAULT_STORAGE, STORAGE_FORMS
 from pne_jax.datasets.images import UnsupportedImageError, to_label, to_rgb
 from pne_jax.datasets.labels import IGNORE_INDEX, DatasetMeta, LabelMapping
 from pne_jax.datasets.manual import (
@@ -33,11 +41,31 @@ from pne_jax.datasets.manual import (
     SourceFile,
     open_archives,
 )
+from pne_jax.datasets.raw_pixels import RawPixels
 
 Example = dict[str, Any]
 
 # Passed as `expected_split_sizes` to say "use the builder's published split sizes".
 OFFICIAL = "official"
+
+
+RAW_RECORD_OPTIONS = "group_size:1,zstd:1"
+"""ArrayRecord's options for the `raw` form: one record per chunk (random access), as tfds
+writes them, but zstd at level 1, not tfds's 3: on Cityscapes-like pixels 9% smaller and
+about 40% faster to read (`benchmarks/bench_input.py`)."""
+
+
+class StorageFormError(ValueError):
+    """A storage form that does not exist, or data prepared in another form than asked for."""
+
+
+def check_storage(storage: str) -> str:
+    """`storage` if it is one of `STORAGE_FORMS`, else a StorageFormError naming them."""
+    if storage not in STORAGE_FORMS:
+        raise StorageFormError(
+            f"unknown storage form {storage!r}; use one of {', '.join(STORAGE_FORMS)}"
+        )
+    return storage
 
 
 class SplitSizeError(ValueError):
@@ -67,11 +95,20 @@ class LabelMap(tfds.features.Image):
             return np.asarray(img, dtype=np.uint8)
 
 
-def semseg_features(image_format: str) -> tfds.features.FeaturesDict:
+def semseg_features(
+    image_format: str, storage: str = DEFAULT_STORAGE
+) -> tfds.features.FeaturesDict:
+    """The features of a segmentation example in `storage` form (`STORAGE_FORMS`)."""
+    label_doc = "train ids, 255 = ignore"
+    if check_storage(storage) == "raw":
+        image, label = RawPixels(channels=3), RawPixels(channels=None, doc=label_doc)
+    else:
+        image = tfds.features.Image(shape=(None, None, 3), encoding_format=image_format)
+        label = LabelMap(doc=label_doc)
     return tfds.features.FeaturesDict(
         {
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
-            "label": LabelMap(doc="train ids, 255 = ignore"),
+            "image": image,
+            "label": label,
             "name": tfds.features.Text(doc="stem of the source image file"),
         }
     )
@@ -210,6 +247,8 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     expected_split_sizes: "official" (default) checks the published `SPLIT_SIZES` before
         anything is written; a dict checks those sizes instead (e.g. for a test tree);
         None skips the check, with a warning.
+    storage: "encoded" (default) or "raw" (`STORAGE_FORMS`); "raw" data lives in its own
+        folder, `<data_dir>/<name>_raw/...`.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -229,8 +268,10 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         *,
         expected_split_sizes: Mapping[str, int] | str | None = OFFICIAL,
         file_format: str = "array_record",
+        storage: str = DEFAULT_STORAGE,
         **kwargs: Any,
     ):
+        self.storage = check_storage(storage)  # before tfds builds the folder and the features
         if expected_split_sizes == OFFICIAL:
             expected_split_sizes = dict(self.SPLIT_SIZES)
         elif isinstance(expected_split_sizes, str):
@@ -245,11 +286,38 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
-            features=semseg_features(self.IMAGE_FORMAT),
+            features=semseg_features(self.IMAGE_FORMAT, self.storage),
             homepage=self.HOMEPAGE,
             metadata=tfds.core.MetadataDict(),
             # Written in source order, so that index i is the i-th sorted source file.
             disable_shuffling=True,
+        )
+
+    def _build_data_dir(self, given_data_dir: str | None) -> tuple[str, str]:
+        """tfds's folders, with `<name>` made `<name>_<storage>` for a storage form other
+        than the default, so that the default form keeps the paths it always had."""
+        data_dir, dataset_dir = super()._build_data_dir(given_data_dir)
+        if self.storage == DEFAULT_STORAGE:
+            return data_dir, dataset_dir
+        name, *rest = os.path.relpath(dataset_dir, data_dir).split(os.sep)
+        return data_dir, os.path.join(data_dir, f"{name}_{self.storage}", *rest)
+
+    def _example_writer(self) -> tfds_writer.ExampleWriter:
+        """tfds's writer, or for the `raw` form ArrayRecord with `RAW_RECORD_OPTIONS` (tfds's
+        hook for custom storage; the reader takes the options from the file)."""
+        if self.storage == "raw" and self.info.file_format.value == "array_record":
+            return _RawRecordWriter(self.info.file_format)
+        return super()._example_writer()
+
+    def prepared_storage_problem(self) -> str | None:
+        """Why the data prepared at `data_path` is not in this builder's storage form, or
+        None. Data prepared before the form was recorded is `encoded`."""
+        stored = (self.info.metadata or {}).get("storage", DEFAULT_STORAGE)
+        if stored == self.storage:
+            return None
+        return (
+            f"{self.name}: the data at {self.data_path} is stored as {stored!r}, but "
+            f"{self.storage!r} was asked for"
         )
 
     # --- what a subclass provides ------------------------------------------------------------
@@ -333,6 +401,7 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # Written to metadata.json, so that a later run with other expectations can say so.
         expected = self.expected_split_sizes
         self.info.metadata["expected_split_sizes"] = None if expected is None else dict(expected)
+        self.info.metadata["storage"] = self.storage
         return {split: self._generate_examples(split, v) for split, v in items.items()}
 
     def _generate_examples(self, split: str, items: Sequence[Any]) -> Iterator[tuple[int, Example]]:
@@ -348,7 +417,7 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             try:
                 for index in range(len(items)):
                     while len(pending) < ahead and (item := next(it, _END)) is not _END:
-                        pending.append(pool.submit(self.load_item, item))
+                        pending.append(pool.submit(self._load_stored, item))
                     example = pending.popleft().result()
                     bar.update(1)
                     yield index, example
@@ -356,5 +425,27 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for future in pending:
                     future.cancel()
 
+    def _load_stored(self, item: Any) -> Example:
+        """`load_item`, in this builder's storage form: for `raw`, the image bytes decoded as
+        the `encoded` form's reader decodes them, so both forms read back the same pixels."""
+        example = self.load_item(item)
+        if self.storage == "raw" and isinstance(example["image"], bytes):
+            example["image"] = _ENCODED_IMAGE.decode_example_np(example["image"])
+        return example
+
+
+class _RawRecordWriter(tfds_writer.ExampleWriter):
+    """Writes a shard as ArrayRecord with `RAW_RECORD_OPTIONS`."""
+
+    def write(self, path, examples) -> None:
+        writer = ArrayRecordWriter(os.fspath(path), RAW_RECORD_OPTIONS)
+        try:
+            for _, serialized in examples:
+                writer.write(serialized)
+        finally:
+            writer.close()
+
 
 _END = object()
+# The `encoded` form's image feature: its NumPy decoder is the one `data_source` reads with.
+_ENCODED_IMAGE = tfds.features.Image(shape=(None, None, 3))
