@@ -7,9 +7,12 @@ Cityscapes' 2 MB PNGs) with 19-class blob labels. Then it measures, side by side
 
 - per form: disk MB per example, and CPU ms per example to read and decode it;
 - per path (form x where the augmentation runs): CPU ms per training example on one core
-  (what a grain worker does: read, decode, augment; all of the process's threads counted),
-  the images/s one core delivers, and how many cores the H200 step of the paper run needs
-  (8 images every 68 ms: 118 images/s);
+  (what a grain worker does: read, decode, augment, or with `augment_on="device"` only
+  the draws and the source region; all of the process's threads counted), the images/s one
+  core delivers, and how many cores the H200 step of the paper run needs (8 images every
+  68 ms: 118 images/s);
+- the device part of `augment_on="device"` (`device_augment.augment_batch`): XLA's FLOP
+  count and memory per image (its time belongs to the train step: `bench_train`);
 - the training pipeline through grain with `--workers` processes, images/s in wall time.
 
 CPU time is robust to other load on this shared machine; the wall-time rates are not.
@@ -22,15 +25,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from pne_jax import augment, input_pipeline
+from pne_jax import augment, device_augment, input_pipeline
 from pne_jax.configs import common
 from pne_jax.datasets import STORAGE_FORMS
 from pne_jax.datasets.labels import CITYSCAPES
@@ -89,20 +94,41 @@ def _disk_mb(path) -> float:
     return sum(os.path.getsize(f) for f in files) / 1e6
 
 
-def _cpu_ms(fn, count: int) -> float:
-    """CPU ms per call of fn(i), i = 0..count-1, over all threads of this process."""
-    fn(0)  # warm-up
-    start = time.process_time()
-    for i in range(count):
-        fn(i)
-    return (time.process_time() - start) / count * 1e3
+def _cpu_ms(fns: dict, count: int, repeats: int) -> dict:
+    """CPU ms per call of each fn(i), i = 0..count-1, over all threads of this process:
+    the median of `repeats` rounds, each timing every fn in turn (so load changes on a
+    shared machine hit all alike)."""
+    times: dict = {key: [] for key in fns}
+    for fn in fns.values():
+        fn(0)  # warm-up
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.process_time()
+            for i in range(count):
+                fn(i)
+            times[key].append((time.process_time() - start) / count * 1e3)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
-def _config(workers: int, threads: int, batch: int) -> ml_collections.ConfigDict:
+def _config(workers: int, threads: int, batch: int, where: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict({"data": common.cityscapes()})
     config.data.num_workers, config.data.num_threads = workers, threads
+    config.data.augment_on = where
     config.train = {"global_batch_size": batch}
     return config
+
+
+PATHS = (("encoded", "host"), ("raw", "host"), ("encoded", "device"), ("raw", "device"))
+
+
+def device_part(example: dict, aug: augment.TrainAugment) -> tuple[float, float]:
+    """(GFLOP, MiB of temporaries) per image of the jitted `augment_batch` on one example."""
+    batch = {k: v[None] for k, v in example.items()}
+    compiled = jax.jit(device_augment.augment_batch, static_argnums=1).lower(batch, aug).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    return cost.get("flops", float("nan")) / 1e9, temp / 2**20
 
 
 def _rate(iterator, num_batches: int, batch: int) -> tuple[float, float]:
@@ -120,6 +146,7 @@ def main(argv=None):
     parser.add_argument("--examples", type=int, default=8, help="fake examples prepared")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4, help="timed batches per pipeline")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the CPU timings")
     parser.add_argument("--workers", type=int, default=2, help="processes (0: this one)")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--data_dir", default=None, help="reuse a folder (default: a new one)")
@@ -135,19 +162,27 @@ def main(argv=None):
         print(f"prepared {args.examples} examples as {storage!r} in "
               f"{time.perf_counter() - start:.0f} s at {builders[storage].data_path}")  # fmt: skip
 
-    aug = input_pipeline.train_augment(_config(0, 1, args.batch))
-    rows = []
+    config = _config(0, 1, args.batch, "device")
+    aug, source_size = input_pipeline.train_augment(config), tuple(config.data.device_source_size)
     n = args.examples
-    for storage in STORAGE_FORMS:
-        src = sources[storage]
-        read_ms = _cpu_ms(lambda i, src=src: src[i % n], n)
+    reads = {s: (lambda i, src=sources[s]: src[i % n]) for s in STORAGE_FORMS}
+    read_ms = _cpu_ms(reads, n, args.repeats)
+    fallbacks, steps = [], {}
+    for storage, where in PATHS:
 
-        def host_step(i, src=src):
-            ex = src[i % n]
-            augment.train_transform(np.random.default_rng(i), ex["image"], ex["label"], aug)
+        def train_example(i, src=sources[storage], where=where):
+            ex, rng = src[i % n], np.random.default_rng(i)
+            if where == "host":
+                augment.train_transform(rng, ex["image"], ex["label"], aug)
+            else:
+                out = device_augment.device_example(rng, ex["image"], ex["label"], aug, source_size)
+                fallbacks.append(bool(out["fallback"]))
 
-        train_ms = _cpu_ms(host_step, 2 * n)
-        rows.append((storage, "host", _disk_mb(builders[storage].data_path) / n, read_ms, train_ms))
+        steps[storage, where] = train_example
+    train_ms = _cpu_ms(steps, n, args.repeats)
+    rows = [
+        (s, w, _disk_mb(builders[s].data_path) / n, read_ms[s], train_ms[s, w]) for s, w in PATHS
+    ]
 
     need = STEP_IMAGES / STEP_SECONDS
     print(f"\nPer example, CPU time on one core; cores needed for {need:.0f} images/s "
@@ -161,15 +196,26 @@ def main(argv=None):
               f"| {per_core:.1f} | {need / per_core:.1f} |")  # fmt: skip
 
     how = f"{args.workers} worker processes x {args.threads} threads"
+    print(f"Device path: {sum(fallbacks)} of {len(fallbacks)} examples resized on the host.")
+    ex = sources["raw"][0]
+    example = device_augment.device_example(
+        np.random.default_rng(0), ex["image"], ex["label"], aug, source_size
+    )
+    gflop, temp_mib = device_part(example, aug)
+    print(f"Device part per image (XLA, {source_size[0]}x{source_size[1]} source -> "
+          f"{aug.crop_size[0]}x{aug.crop_size[1]} crop): {gflop:.1f} GFLOP, {temp_mib:.0f} MiB "
+          f"of temporaries; host -> device {example['source'].nbytes / 2**20:.1f} MiB of uint8 "
+          f"(host path: {12 * np.prod(aug.crop_size) / 2**20:.1f} MiB of float32)")  # fmt: skip
+
     print(f"\nThe training pipeline ({how}, batches of {args.batch}, wall time):")
-    config = _config(args.workers, args.threads, args.batch)
-    for storage in STORAGE_FORMS:
+    for storage, where in PATHS:
+        config = _config(args.workers, args.threads, args.batch, where)
         it = input_pipeline.train_iterator(
             config, source=sources[storage], process_index=0, process_count=1
         )
         startup, rate = _rate(it, args.batches, args.batch)
         it.close()
-        print(f"  {storage}, host augmentation: {rate:.1f} images/s (start-up {startup:.1f} s)")
+        print(f"  {storage}, {where} augmentation: {rate:.1f} images/s (start-up {startup:.1f} s)")
     print(f"load average {os.getloadavg()[0]:.1f} after the run")
 
 

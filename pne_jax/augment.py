@@ -20,6 +20,10 @@ resampled:
   same generator: labels exactly, images to within PIL's rounding (a level or two of 255).
 - Hue and saturation use PIL's 8-bit HSV (hue in 256 steps, OpenCV's in 180), converting once
   when both apply where MMSegmentation converts twice: at most 1.7 levels apart on average.
+
+The draws are separable from the pixel work: `train_draws` (and `photometric_draws`) consume
+the generator exactly as `train_transform` (and `photometric_distortion`) do and return the
+parameters, so the pixels can be computed elsewhere (`pne_jax.device_augment`, on the device).
 """
 
 from __future__ import annotations
@@ -91,10 +95,14 @@ def check_example(image: np.ndarray, label: np.ndarray | None = None) -> None:
         raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
     if label is None:
         return
-    if label.dtype != np.uint8 or label.ndim != 2:
-        raise ValueError(f"label must be uint8 [H, W], got {label.dtype} {label.shape}")
+    _check_label(label)
     if label.shape != image.shape[:2]:
         raise ValueError(f"label size {label.shape} differs from image size {image.shape[:2]}")
+
+
+def _check_label(label: np.ndarray) -> None:
+    if label.dtype != np.uint8 or label.ndim != 2:
+        raise ValueError(f"label must be uint8 [H, W], got {label.dtype} {label.shape}")
 
 
 # --- Geometry -----------------------------------------------------------------------------------
@@ -141,7 +149,7 @@ def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def _resize_window(image: np.ndarray, size: Size, window: tuple[int, int, int, int]) -> np.ndarray:
+def resize_window(image: np.ndarray, size: Size, window: tuple[int, int, int, int]) -> np.ndarray:
     """The window (y0, x0, h, w) of `image` resized to `size`, computing only that window."""
     y0, x0, h, w = window
     if image.shape[:2] == tuple(size):
@@ -239,6 +247,82 @@ def _affine_lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class PhotometricDraws:
+    """The random parameters of one PhotometricDistortion; None where a step is skipped.
+
+    brightness: beta added to every channel. contrast: alpha multiplying every channel, applied
+    before saturation and hue, or last when `contrast_last`. saturation: the factor of PIL's S
+    channel. hue: the shift in OpenCV's 2-degree units, an integer in [-hue_delta, hue_delta).
+    """
+
+    brightness: float | None
+    contrast: float | None
+    contrast_last: bool
+    saturation: float | None
+    hue: int | None
+
+
+def photometric_draws(
+    rng: np.random.Generator,
+    brightness_delta: float = 32,
+    contrast_range: tuple[float, float] = (0.5, 1.5),
+    saturation_range: tuple[float, float] = (0.5, 1.5),
+    hue_delta: int = 18,
+) -> PhotometricDraws:
+    """PhotoMetricDistortion's draws, in MMSegmentation's order (see photometric_distortion)."""
+    brightness = rng.uniform(-brightness_delta, brightness_delta) if rng.integers(2) else None
+    contrast_last = bool(rng.integers(2) == 0)
+    contrast = None
+    if not contrast_last and rng.integers(2):
+        contrast = rng.uniform(*contrast_range)
+    saturation = rng.uniform(*saturation_range) if rng.integers(2) else None
+    hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
+    if contrast_last and rng.integers(2):
+        contrast = rng.uniform(*contrast_range)
+    return PhotometricDraws(brightness, contrast, contrast_last, saturation, hue)
+
+
+def hue_steps(hue: int) -> int:
+    """A hue shift in OpenCV's 2-degree units as PIL's 256 steps per turn (256 / 180 each).
+
+    `round(x + hue * 256 / 180) == x + hue_steps(hue)` for integers x: 64 * hue / 45 is never
+    an exact half, so rounding the shift once is rounding every table entry."""
+    return int(np.round(hue * 256 / 180))
+
+
+def apply_photometric(image: np.ndarray, draws: PhotometricDraws) -> np.ndarray:
+    """PhotoMetricDistortion of a uint8 RGB image [H, W, 3] with the given draws.
+
+    Every step clips to [0, 255] and truncates to uint8. Brightness and contrast are 256-entry
+    tables, so they cost one lookup per pixel; saturation and hue go through PIL's 8-bit HSV
+    (one round trip when either applies).
+    """
+    check_example(image)
+    identity = np.arange(256, dtype=np.uint8)
+    before = identity
+    if draws.brightness is not None:
+        before = _affine_lut(beta=draws.brightness)
+    if draws.contrast is not None and not draws.contrast_last:
+        before = _affine_lut(alpha=draws.contrast)[before]
+    after = identity
+    if draws.contrast is not None and draws.contrast_last:
+        after = _affine_lut(alpha=draws.contrast)
+
+    if before is not identity:
+        image = before[image]
+    if draws.saturation is not None or draws.hue is not None:
+        saturation, hue = draws.saturation, draws.hue
+        sat_lut = identity if saturation is None else _affine_lut(alpha=saturation)
+        hue_lut = ((np.arange(256) + (0 if hue is None else hue_steps(hue))) % 256).astype(np.uint8)
+        hsv = Image.fromarray(np.ascontiguousarray(image)).convert("HSV")
+        hsv = hsv.point(np.concatenate([hue_lut, sat_lut, identity]).tolist())
+        image = np.asarray(hsv.convert("RGB"))
+    if after is not identity:
+        image = after[image]
+    return image
+
+
 def photometric_distortion(
     rng: np.random.Generator,
     image: np.ndarray,
@@ -252,35 +336,11 @@ def photometric_distortion(
     In order, each with probability 1/2: brightness + U(-32, 32); then a coin picks whether
     contrast (x * U(0.5, 1.5)) comes second or last; saturation * U(0.5, 1.5); hue + an integer
     in [-18, 18) of OpenCV's 2-degree units. Every step clips to [0, 255] and truncates to uint8.
-    Brightness and contrast are 256-entry tables, so they cost one lookup per pixel.
+    `apply_photometric(image, photometric_draws(rng, ...))`.
     """
     check_example(image)
-    identity = np.arange(256, dtype=np.uint8)
-    before = identity
-    if rng.integers(2):
-        before = _affine_lut(beta=rng.uniform(-brightness_delta, brightness_delta))
-    contrast_last = rng.integers(2) == 0
-    if not contrast_last and rng.integers(2):
-        before = _affine_lut(alpha=rng.uniform(*contrast_range))[before]
-    saturation = rng.uniform(*saturation_range) if rng.integers(2) else None
-    hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
-    after = identity
-    if contrast_last and rng.integers(2):
-        after = _affine_lut(alpha=rng.uniform(*contrast_range))
-
-    if before is not identity:
-        image = before[image]
-    if saturation is not None or hue is not None:
-        sat_lut = identity if saturation is None else _affine_lut(alpha=saturation)
-        # PIL's hue spans 256 steps per turn; OpenCV's unit is 2 degrees = 256 / 180 steps.
-        shift = 0.0 if hue is None else hue * 256 / 180
-        hue_lut = (np.round(np.arange(256) + shift).astype(np.int64) % 256).astype(np.uint8)
-        hsv = Image.fromarray(np.ascontiguousarray(image)).convert("HSV")
-        hsv = hsv.point(np.concatenate([hue_lut, sat_lut, identity]).tolist())
-        image = np.asarray(hsv.convert("RGB"))
-    if after is not identity:
-        image = after[image]
-    return image
+    draws = photometric_draws(rng, brightness_delta, contrast_range, saturation_range, hue_delta)
+    return apply_photometric(image, draws)
 
 
 # --- Normalisation and padding ------------------------------------------------------------------
@@ -313,15 +373,28 @@ def pad_to(array: np.ndarray, size: Size, value) -> np.ndarray:
 # --- Chains -------------------------------------------------------------------------------------
 
 
-def train_transform(
-    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, aug: TrainAugment
-) -> tuple[np.ndarray, np.ndarray]:
-    """The full training chain: float32 image [ch, cw, 3] (pads 0) and uint8 label [ch, cw] (255).
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainDraws:
+    """Everything random of one example of the training chain, and its final label.
 
-    Same draws as random_scale -> keep_ratio_size -> rescale -> random_crop -> random_hflip ->
-    photometric_distortion -> normalize -> pad_to, but resizes only the chosen window.
+    size: (h, w) of the rescaled image. window: (y0, x0, h, w), the crop in the rescaled image
+    (h, w at most crop_size). flip: whether it is mirrored. photometric: the distortion's draws
+    (None when `aug.photometric` is off). label: uint8 [ch, cw], cropped, flipped and padded to
+    crop_size with ignore_index: `train_transform`'s label.
     """
-    check_example(image, label)
+
+    size: Size
+    window: tuple[int, int, int, int]
+    flip: bool
+    photometric: PhotometricDraws | None
+    label: np.ndarray
+
+
+def train_draws(rng: np.random.Generator, label: np.ndarray, aug: TrainAugment) -> TrainDraws:
+    """The training chain's draws for a label map [H, W] (uint8), in the chain's order: scale,
+    crop window (retries read the label's window, resized by `nearest_index`), flip,
+    photometric distortion. Only the label is resampled, so this is cheap."""
+    _check_label(label)
     h, w = label.shape
     size = keep_ratio_size((h, w), random_scale(rng, aug.base_size, aug.ratio_range))
 
@@ -332,13 +405,28 @@ def train_transform(
     window, crop_label = _choose_crop(
         rng, size, aug.crop_size, label_window, aug.cat_max_ratio, aug.ignore_index
     )
-    crop_image = _resize_window(image, size, window)
-    flip = rng.random() < aug.flip_prob
-    if aug.photometric:
-        crop_image = photometric_distortion(rng, crop_image)
-    out_image = pad_to(normalize(crop_image, aug.mean, aug.std, flip=flip), aug.crop_size, 0.0)
+    flip = bool(rng.random() < aug.flip_prob)
+    photometric = photometric_draws(rng) if aug.photometric else None
     out_label = pad_to(crop_label[:, ::-1] if flip else crop_label, aug.crop_size, aug.ignore_index)
-    return out_image, out_label
+    return TrainDraws(size, window, flip, photometric, out_label)
+
+
+def train_transform(
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, aug: TrainAugment
+) -> tuple[np.ndarray, np.ndarray]:
+    """The full training chain: float32 image [ch, cw, 3] (pads 0) and uint8 label [ch, cw] (255).
+
+    Same draws as random_scale -> keep_ratio_size -> rescale -> random_crop -> random_hflip ->
+    photometric_distortion -> normalize -> pad_to, but resizes only the chosen window:
+    `train_draws`, then the image's pixel work.
+    """
+    check_example(image, label)
+    draws = train_draws(rng, label, aug)
+    crop_image = resize_window(image, draws.size, draws.window)
+    if draws.photometric is not None:
+        crop_image = apply_photometric(crop_image, draws.photometric)
+    normalized = normalize(crop_image, aug.mean, aug.std, flip=draws.flip)
+    return pad_to(normalized, aug.crop_size, 0.0), draws.label
 
 
 def eval_transform(

@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pne_jax import augment, datasets
+from pne_jax import augment, datasets, device_augment
 from pne_jax.datasets import hide_accelerators_from_tf
 
 Batch = dict[str, np.ndarray]
@@ -86,6 +86,31 @@ def train_augment(config: ml_collections.ConfigDict) -> augment.TrainAugment:
     names = ("base_size", "crop_size", "ratio_range", "cat_max_ratio", "flip_prob")
     names += ("photometric", "ignore_index")
     return augment.TrainAugment(**{k: data_field(config, k) for k in names})
+
+
+AUGMENT_ON = ("host", "device")
+"""Where the training augmentation's pixel work runs (`config.data.augment_on`)."""
+
+
+def device_source_size(config: ml_collections.ConfigDict) -> augment.Size | None:
+    """The static (H, W) of the source regions sent to the device when `config.data.augment_on`
+    is "device" (`config.data.device_source_size`, checked against the crop size); None when
+    the host augments."""
+    where = data_field(config, "augment_on")
+    if where not in AUGMENT_ON:
+        raise ValueError(
+            f"config.data.augment_on={where!r}: must be one of {', '.join(AUGMENT_ON)}"
+        )
+    if where == "host":
+        return None
+    size = data_field(config, "device_source_size")
+    if size is None:
+        raise ValueError(
+            "config.data.augment_on='device' needs config.data.device_source_size (height, "
+            "width): the size of the dataset's images, e.g. (1024, 2048) for Cityscapes"
+        )
+    device_augment.check_source_size(data_field(config, "crop_size"), size)
+    return (int(size[0]), int(size[1]))
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -219,12 +244,16 @@ def train_indices(
 
 
 class _TrainElement:
-    """Host stream position -> augmented example; picklable for grain's worker processes."""
+    """Host stream position -> augmented example, or with `source_size` the example's draws
+    and source region for `device_augment.augment_batch`; picklable for grain's workers."""
 
-    def __init__(self, source, aug, seed, global_batch_size, process_index, process_count):
+    def __init__(
+        self, source, aug, seed, global_batch_size, process_index, process_count, source_size
+    ):
         self.source, self.aug, self.seed, self.global_batch = source, aug, seed, global_batch_size
         self.b = local_batch_size(global_batch_size, process_count)
         self.offset = process_index * self.b
+        self.source_size = source_size
 
     def __call__(self, position: int) -> Batch:
         step, i = divmod(int(position), self.b)  # as train_indices, for one example
@@ -233,6 +262,8 @@ class _TrainElement:
         index = int(epoch_permutation(self.seed, epoch, n)[offset])
         image, label = _example(self.source, index)
         rng = np.random.default_rng([self.seed, _AUGMENT, epoch, index])
+        if self.source_size is not None:
+            return device_augment.device_example(rng, image, label, self.aug, self.source_size)
         image, label = augment.train_transform(rng, image, label, self.aug)
         return {"image": image, "label": label.astype(np.int32)}
 
@@ -249,17 +280,21 @@ def train_dataset(
     Batches are `{"image": float32 [b, H, W, 3] (ImageNet-normalised, padding 0),
     "label": int32 [b, H, W] (255 = ignore, also in padding)}` with b = global_batch_size /
     process_count and (H, W) = crop_size. The dataset is effectively endless (2**40 examples).
+    With `config.data.augment_on="device"` they are `device_augment.device_example`'s
+    fields, stacked (uint8 source regions, draws, final labels), which
+    `device_augment.augment_batch` turns into that batch on the device (the train step does).
     """
     index, count = _processes(process_index, process_count)
     global_batch = int(config.train.global_batch_size)
     b = local_batch_size(global_batch, count)
     aug = train_augment(config)
+    source_size = device_source_size(config)
     if source is None:
         source = open_source(config, data_field(config, "train_split"))
     if len(source) == 0:
         raise ValueError("the training source is empty")
     seed = int(data_field(config, "seed"))
-    element = _TrainElement(source, aug, seed, global_batch, index, count)
+    element = _TrainElement(source, aug, seed, global_batch, index, count, source_size)
     return grain.MapDataset.range(2**40 // b * b).map(element).batch(b, drop_remainder=True)
 
 

@@ -53,6 +53,7 @@ from pne_jax import (
     checkpoint,
     console,
     datasets,
+    device_augment,
     evaluate,
     input_pipeline,
     optim,
@@ -167,8 +168,12 @@ def make_train_step(
     config: ml_collections.ConfigDict,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step (state, batch) -> (state, metrics); `grad_accum_steps` micro-batches
-    are processed in sequence (BatchNorm and PNE then see each micro-batch alone)."""
+    are processed in sequence (BatchNorm and PNE then see each micro-batch alone). With
+    `config.data.augment_on="device"` the batch is `input_pipeline.train_dataset`'s draws
+    and source regions, augmented first (`device_augment.augment_batch`)."""
     micro = int(config.train.grad_accum_steps)
+    on_device = input_pipeline.device_source_size(config) is not None
+    aug = input_pipeline.train_augment(config) if on_device else None
 
     def grads_of(params, batch_stats, images, labels, rng):
         def loss_fn(params):
@@ -187,6 +192,11 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        extra = {}
+        if on_device:  # the host sent draws and source regions: augment them here
+            extra["augment_fallback"] = jnp.mean(batch["fallback"].astype(jnp.float32))
+            with jax.named_scope("augment"):
+                batch = device_augment.augment_batch(batch, aug)
         images, labels = batch["image"], batch["label"]
         if micro == 1:
             grads, batch_stats, parts = grads_of(
@@ -223,10 +233,14 @@ def make_train_step(
             bad_step=jnp.where(first_bad, state.step, state.bad_step),
             bad_parts=jnp.where(first_bad, bits, state.bad_parts),
         )
-        metrics = parts | {
-            "learning_rate": schedule(state.step),
-            "grad_norm": optax.tree.norm(grads),
-        }
+        metrics = (
+            parts
+            | extra
+            | {
+                "learning_rate": schedule(state.step),
+                "grad_norm": optax.tree.norm(grads),
+            }
+        )
         return new_state, metrics
 
     return step

@@ -165,6 +165,42 @@ def test_same_seed_same_output_other_seed_differs():
     assert not np.array_equal(p[0], p[2])
 
 
+@pytest.mark.parametrize("photometric", [False, True])
+def test_draws_consume_the_generator_as_the_chain_does(photometric):
+    """train_draws (and photometric_draws) use the generator exactly as train_transform (and
+    photometric_distortion): the next draw after them agrees, the label is the chain's, and
+    applying the draws to the pixels gives the chain's image."""
+    aug = make_aug(cat_max_ratio=0.75, photometric=photometric)
+    image, label = make_example(7)
+    for seed in range(10):
+        rng_draws, rng_chain = np.random.default_rng(seed), np.random.default_rng(seed)
+        draws = A.train_draws(rng_draws, label, aug)
+        out_image, out_label = A.train_transform(rng_chain, image, label, aug)
+        assert rng_draws.random() == rng_chain.random()
+        assert draws.label.dtype == np.uint8 and draws.label.shape == aug.crop_size
+        np.testing.assert_array_equal(draws.label, out_label)
+        assert (draws.photometric is not None) == photometric
+        crop = A.resize_window(image, draws.size, draws.window)
+        assert crop.shape[:2] == draws.window[2:] and draws.window[2] <= aug.crop_size[0]
+        if draws.photometric is not None:
+            crop = A.apply_photometric(crop, draws.photometric)
+        want = A.pad_to(A.normalize(crop, flip=draws.flip), aug.crop_size, 0.0)
+        np.testing.assert_array_equal(want, out_image)
+        rng_draws, rng_chain = np.random.default_rng(seed), np.random.default_rng(seed)
+        p = A.photometric_draws(rng_draws)
+        distorted = A.photometric_distortion(rng_chain, image)
+        assert rng_draws.random() == rng_chain.random()
+        np.testing.assert_array_equal(A.apply_photometric(image, p), distorted)
+    with pytest.raises(ValueError, match="label must be uint8"):
+        A.train_draws(np.random.default_rng(0), label.astype(np.int32), aug)
+
+
+def test_hue_steps_round_the_shift_of_every_table_entry():
+    for hue in range(-18, 18):
+        rounded_each = np.round(np.arange(256) + hue * 256 / 180).astype(np.int64) % 256
+        np.testing.assert_array_equal((np.arange(256) + A.hue_steps(hue)) % 256, rounded_each)
+
+
 def test_photometric_keeps_grey_grey_and_tables_truncate():
     grey = np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[:, None, None], (64, 8, 3))
     for seed in range(20):

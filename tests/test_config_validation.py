@@ -57,6 +57,17 @@ def test_unknown_fields_are_named_with_a_suggestion():
         ({"train__log_every": 0}, "config.train.log_every=0: must be an integer >= 1"),
         ({"pne__temperature": 0.0}, "config.pne.temperature=0.0: must be > 0"),
         ({"eval__mode": "tiles"}, "config.eval.mode must be one of"),
+        ({"data__storage": "png"}, "config.data.storage='png': must be one of encoded, raw"),
+        ({"data__augment_on": "gpu"}, "config.data.augment_on='gpu': must be one of host, device"),
+        (
+            {"data__augment_on": "device", "data__device_source_size": (64, 256)},
+            "config.data.crop_size (128, 128) does not fit in config.data.device_source_size "
+            "(64, 256): make device_source_size at least crop_size",
+        ),
+        (
+            {"data__augment_on": "device", "data__device_source_size": None},
+            "config.data.augment_on='device' needs config.data.device_source_size",
+        ),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_the_fix(changes, expected):
@@ -73,10 +84,10 @@ def test_an_override_of_a_missing_field_is_described():
     argv = ["pne-jax train", "--config=demo", "--config.train.steps=3", "--config.data.cropsize=3"]
     assert cli.override_problem(argv) == (
         "--config.data.cropsize=3: config.data has no field 'cropsize' (did you mean "
-        "config.data.crop_size?); config.data has base_size, cat_max_ratio, crop_size, "
-        "data_dir, eval_label_pad_size, eval_pad_size, eval_split, flip_prob, ignore_index, "
-        "name, num_threads, num_workers, options, photometric, ratio_range, seed, storage, test_size, "
-        "train_split, worker_buffer_size"
+        "config.data.crop_size?); config.data has augment_on, base_size, cat_max_ratio, "
+        "crop_size, data_dir, device_source_size, eval_label_pad_size, eval_pad_size, "
+        "eval_split, flip_prob, ignore_index, name, num_threads, num_workers, options, "
+        "photometric, ratio_range, seed, storage, test_size, train_split, worker_buffer_size"
     )
     assert cli.override_problem(["x", "--config=demo", "--config.train.steps=3"]) is None
 

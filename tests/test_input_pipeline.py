@@ -55,6 +55,36 @@ def test_train_batch_shapes_and_dtypes():
     assert set(batch) == {"image", "label"}
 
 
+def test_device_augmentation_path_equals_the_host_path():
+    """augment_on="device": the host's draws and source regions, augmented by the jitted
+    `device_augment.augment_batch` (as the train step does), give the host path's batches:
+    labels exactly, images to float32 rounding of the normalisation (levels are equal)."""
+    from pne_jax import device_augment
+
+    source = fake_source(10)
+    host = make_config()
+    device = make_config(augment_on="device", device_source_size=(48, 60))
+    aug = ip.train_augment(device)
+    augment_batch = jax.jit(device_augment.augment_batch, static_argnums=1)
+    assert ip.device_source_size(host) is None and ip.device_source_size(device) == (48, 60)
+    for p in range(2):
+        want = take(ip.train_iterator(host, 2, source=source, process_index=p, process_count=2), 3)
+        got = take(ip.train_iterator(device, 2, source=source, process_index=p, process_count=2), 3)
+        for w, g in zip(want, got, strict=True):
+            assert g["source"].shape == (2, 48, 60, 3) and g["source"].dtype == np.uint8
+            out = jax.device_get(augment_batch(g, aug))
+            np.testing.assert_array_equal(out["label"], w["label"])
+            np.testing.assert_allclose(out["image"], w["image"], rtol=0, atol=1e-5)
+
+
+def test_device_augmentation_config_checked_before_reading():
+    config = make_config(augment_on="device", device_source_size=(16, 64))
+    with pytest.raises(ValueError, match=r"crop_size \(24, 32\) does not fit in config.data"):
+        ip.train_dataset(config, process_index=0, process_count=1)  # no source: checked first
+    with pytest.raises(ValueError, match="config.data.augment_on='cpu': must be one of host"):
+        ip.train_dataset(make_config(augment_on="cpu"), source=fake_source(2))
+
+
 def test_global_batch_must_divide_by_process_count():
     with pytest.raises(ValueError, match="global batch size 5 .* process count 2"):
         ip.train_dataset(make_config(5), source=fake_source(6), process_index=0, process_count=2)

@@ -359,6 +359,18 @@ def uninterrupted(tmp_path_factory, data_dir):
     return workdir
 
 
+ON_DEVICE = ["--config.data.augment_on=device"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_on_device(tmp_path_factory, data_dir):
+    """The same run with the augmentation's pixel work in the train step."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted_on_device"))
+    command = _command(workdir, data_dir, *ON_DEVICE)
+    subprocess.run(command, env=_env(), cwd=ROOT, check=True, timeout=600)
+    return workdir
+
+
 def _wait_for_step(process, workdir, step, timeout=300, committed_checkpoint=None):
     """Waits until `step` is logged and, if given, checkpoint `committed_checkpoint` is on disk.
 
@@ -396,18 +408,28 @@ def _damage_latest_checkpoint(workdir):
     return step
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, uninterrupted):
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, augment_on, request):
     """Killed mid-interval, with its newest checkpoint then damaged: the restart reports
     it, moves it aside, resumes from the newest intact one (or the start) and ends
-    bit-identical to the uninterrupted run, with one metrics record per step."""
+    bit-identical to the uninterrupted run, with one metrics record per step; with the
+    augmentation on the host and on the device."""
+    extra = ON_DEVICE if augment_on == "device" else []
+    uninterrupted = request.getfixturevalue(
+        "uninterrupted_on_device" if augment_on == "device" else "uninterrupted"
+    )
     workdir = str(tmp_path / "killed")
-    process = subprocess.Popen(_command(workdir, data_dir), env=_env(), cwd=ROOT)
+    process = subprocess.Popen(_command(workdir, data_dir, *extra), env=_env(), cwd=ROOT)
     _wait_for_step(process, workdir, 7, committed_checkpoint=5)  # mid-interval
     process.send_signal(signal.SIGKILL)
     process.wait()
     damaged = _damage_latest_checkpoint(workdir)
     rerun = subprocess.run(
-        _command(workdir, data_dir), env=_env(), cwd=ROOT, timeout=600, capture_output=True
+        _command(workdir, data_dir, *extra),
+        env=_env(),
+        cwd=ROOT,
+        timeout=600,
+        capture_output=True,
     )
     assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
     console = (rerun.stdout + rerun.stderr).decode()
@@ -417,6 +439,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir, uninterrupted
     want = {r["step"]: r for r in _records(uninterrupted)}
     records = _records(workdir)
     assert [r["step"] for r in records] == list(range(1, 13))
+    fallback = [r.get("train/augment_fallback") for r in records]
+    assert fallback == ([0.0] * 12 if augment_on == "device" else [None] * 12)
+    if augment_on == "device":  # the first step sees the host path's batch, to float rounding
+        host = _records(request.getfixturevalue("uninterrupted"))[0]
+        assert records[0]["train/loss"] == pytest.approx(host["train/loss"], rel=1e-5)
     for record in records:  # before the kill and after the restart alike
         for key, value in record.items():
             if not key.endswith("images_per_second"):

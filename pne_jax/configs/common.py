@@ -117,6 +117,7 @@ def data(
     test_size: tuple[int, int],
     eval_pad_size=None,
     eval_label_pad_size=None,
+    device_source_size=None,
 ) -> ml_collections.ConfigDict:
     """A prepared dataset and MMSegmentation's standard pipeline (rescale 0.5-2.0, crop with
     cat_max_ratio 0.75, flip, photometric distortion). Sizes: base/test (long, short edge),
@@ -128,6 +129,11 @@ def data(
     largest (h, w), found by `input_pipeline.scan_eval_sizes` on first use and cached in the
     prepared data's folder (`input_pipeline.eval_sizes_cache_path`), so a split is scanned
     once, not per run or per evaluation.
+
+    `augment_on="device"` leaves the augmentation's pixel work to the train step
+    (`pne_jax.device_augment`): the host sends each example's source region padded to
+    `device_source_size` (height, width), which should hold the dataset's images (larger
+    regions are resized on the host, counted in `train/augment_fallback`).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -143,6 +149,8 @@ def data(
             cat_max_ratio=0.75,
             flip_prob=0.5,
             photometric=True,
+            augment_on="host",
+            device_source_size=device_source_size or placeholder(tuple),
             test_size=test_size,
             eval_pad_size=eval_pad_size or placeholder(tuple),
             eval_label_pad_size=eval_label_pad_size or placeholder(tuple),
@@ -164,6 +172,7 @@ def cityscapes(crop_size=(512, 1024)) -> ml_collections.ConfigDict:
         test_size=(2048, 1024),
         eval_pad_size=(1024, 2048),
         eval_label_pad_size=(1024, 2048),
+        device_source_size=(1024, 2048),
     )
 
 
@@ -173,7 +182,13 @@ def ade20k() -> ml_collections.ConfigDict:
     transpose, and the labels' original sizes have no published bound. The only fixed image
     pad that holds both orientations is (2048, 2048), 16x the pixels of a 512 x 512 image in
     whole mode, so both pads are the split's largest sizes, scanned once and cached."""
-    return data("ade20k", base_size=(2048, 512), crop_size=(512, 512), test_size=(2048, 512))
+    return data(
+        "ade20k",
+        base_size=(2048, 512),
+        crop_size=(512, 512),
+        test_size=(2048, 512),
+        device_source_size=(1024, 1024),  # most images; larger regions resize on the host
+    )
 
 
 def coco_stuff() -> ml_collections.ConfigDict:
@@ -188,6 +203,7 @@ def coco_stuff() -> ml_collections.ConfigDict:
         crop_size=(512, 512),
         test_size=(2048, 512),
         eval_label_pad_size=(640, 640),
+        device_source_size=(640, 640),
     )
 
 

@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         test_size=(256, 128),
         eval_pad_size=(128, 256),
         eval_label_pad_size=(128, 256),
+        device_source_size=(128, 256),
     )
     data.options = dict(num_train=400, num_validation=100, height=128, width=256, seed=0)
     model = common.model(

@@ -128,6 +128,7 @@ def value_problems(config: ml_collections.ConfigDict) -> list[str]:
         problems.append(f"config.data.ignore_index={data.ignore_index!r}: must be in [0, 255]")
     problems.append(_int_at_least("data.num_workers", data.num_workers, minimum=0))
     problems.append(_storage_problem(data))
+    problems.append(_augment_on_problem(data))
     problems.append(_int_at_least("eval.global_batch_size", config.eval.global_batch_size))
     problems.append(_int_at_least("model.num_classes", config.model.num_classes))
     pne = config.pne
@@ -159,6 +160,16 @@ def _storage_problem(data: ml_collections.ConfigDict) -> str | None:
             f"({', '.join(datasets.DATASETS)}); a tfds dataset of your own is read as it is "
             f"prepared: set --config.data.storage={datasets.DEFAULT_STORAGE}"
         )
+    return None
+
+
+def _augment_on_problem(data: ml_collections.ConfigDict) -> str | None:
+    from pne_jax import input_pipeline
+
+    try:
+        input_pipeline.device_source_size(ml_collections.ConfigDict({"data": data}))
+    except ValueError as e:
+        return str(e)
     return None
 
 
