@@ -70,17 +70,24 @@ class FakeCityscapes(SemSegBuilder, skip_registration=True):
     META = CITYSCAPES
     IMAGE_FORMAT = "png"
     NUM_TRAIN = 8
+    SIZE = (1024, 2048)
 
     def list_items(self, manual_dir: str | None) -> dict[str, list[Any]]:
         return {"train": list(range(self.NUM_TRAIN))}
 
     def load_item(self, index: int) -> dict[str, Any]:
-        image, label = fake_example(np.random.default_rng([0, index]))
+        image, label = fake_example(np.random.default_rng([0, index]), *self.SIZE)
         return {"image": encode_png(image), "label": label, "name": f"fake_{index:04d}"}
 
 
-def prepare_fake(data_dir: str, num_examples: int, storage: str) -> FakeCityscapes:
-    FakeCityscapes.NUM_TRAIN = num_examples
+def prepare_fake(
+    data_dir: str, num_examples: int, storage: str, size: tuple[int, int] = (1024, 2048)
+) -> FakeCityscapes:
+    """The fake set in `storage` form in `data_dir` (prepared unless it is already); images of
+    `size` (h, w) other than Cityscapes' go to a folder of their own."""
+    FakeCityscapes.NUM_TRAIN, FakeCityscapes.SIZE = num_examples, tuple(size)
+    if tuple(size) != (1024, 2048):
+        data_dir = os.path.join(data_dir, f"{size[0]}x{size[1]}")
     builder = FakeCityscapes(
         data_dir=data_dir, storage=storage, expected_split_sizes={"train": num_examples}
     )

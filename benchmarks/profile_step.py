@@ -47,7 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import hlo
-from benchmarks.bench_train import build_step, load_config, random_batch
+from benchmarks.bench_train import (
+    build_step,
+    device_batch,
+    load_config,
+    random_batch,
+    set_augment_on,
+)
 
 CATEGORIES = (
     "convolution / matmul",
@@ -56,6 +62,7 @@ CATEGORIES = (
     "CE + upsample (main + aux)",
     "PNE loss",
     "optimizer",
+    "augmentation (augment_on=device)",
     "other (RNG, metrics, bookkeeping)",
 )
 
@@ -108,6 +115,8 @@ def categorise(info: dict | None, instructions: dict) -> str:
         return "CE + upsample (main + aux)"
     if "optimizer" in name:
         return "optimizer"
+    if "/augment/" in name or name.endswith("/augment") or name.startswith("augment/"):
+        return "augmentation (augment_on=device)"
     ops = _contents(instructions, info)
     gemm = "cudnn$conv" in line or "cublas" in line or "__cudnn" in line
     if gemm or ops & {"convolution", "dot"}:
@@ -263,6 +272,9 @@ def main(argv=None) -> None:
     parser.add_argument("--logdir", default="/tmp/pne_profile", help="where the trace goes")
     parser.add_argument("--input", default="random", choices=("random", "pipeline"))
     parser.add_argument(
+        "--augment_on", default="host", choices=("host", "device"), help="see bench_train"
+    )
+    parser.add_argument(
         "--cross_entropy",
         action="store_true",
         help="only compare the unfused and fused CE + upsample of the step (see the docstring)",
@@ -279,7 +291,13 @@ def main(argv=None) -> None:
     if args.cross_entropy:
         compare_cross_entropy(batch_size, crop, int(config.model.num_classes), max(args.steps, 5))
         return
-    batch = random_batch(np.random.default_rng(0), batch_size, crop, config.model.num_classes)
+    if args.input == "pipeline" and args.augment_on == "device":
+        parser.error("--input=pipeline times the host path; bench_train --input_paths has both")
+    set_augment_on(config, args.augment_on, args.full)
+    if args.augment_on == "device":
+        batch = device_batch(config, batch_size, int(config.model.num_classes))
+    else:
+        batch = random_batch(np.random.default_rng(0), batch_size, crop, config.model.num_classes)
     compiled, state, placed, compile_s, _, _ = build_step(config, batch)
     instructions = parse_hlo(compiled.as_text())
     state, metrics = compiled(state, placed)  # warm-up
