@@ -54,9 +54,11 @@ T = TypeVar("T")
 # Config fields that may differ between the run that wrote a checkpoint and the one that
 # resumes from it: bookkeeping (how often to log, evaluate and checkpoint, how many
 # checkpoints to keep), where the data lives, how many loader processes build the
-# (ordered, so identical) batches, and evaluation. None of them changes the state or the
-# sequence of updates; any other difference is refused. `train.steps` is not here: it
-# sets the length of the poly learning-rate schedule, so it changes every update.
+# (ordered, so identical) batches, the storage form (`raw` reads back the `encoded` pixels)
+# and the device's source size (a region that does not fit is resized on the host to the
+# same pixels), and evaluation. None of them changes the state or the sequence of updates;
+# any other difference is refused. `train.steps` is not here: it sets the length of the
+# poly learning-rate schedule, so it changes every update.
 RESUMABLE_CHANGES = (
     "train.log_every",
     "train.checkpoint_every",
@@ -64,8 +66,15 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "data.data_dir",
     "data.num_workers",
+    "data.storage",
+    "data.device_source_size",
     "eval",
 )
+
+# Fields added to the configs after checkpoints were first written, with the value that
+# the code before them behaved as: a saved config without one reads as having that value,
+# so a run started by an earlier pne-jax resumes unless the field is set otherwise.
+ADDED_FIELDS = {"data.augment_on": "host"}
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -108,11 +117,18 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
+def _flat_saved(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """`saved` flattened, with the `ADDED_FIELDS` that it lacks and `current` has."""
+    have = flatten_config(current)
+    return {k: v for k, v in ADDED_FIELDS.items() if k in have} | flatten_config(saved)
+
+
 def differing_fields(
     saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str] = RESUMABLE_CHANGES
 ) -> list[str]:
-    """The flattened names of the fields that differ and may not change, sorted."""
-    a, b = flatten_config(saved), flatten_config(current)
+    """The flattened names of the fields that differ and may not change, sorted (a field
+    absent from `saved` reads as its value in `ADDED_FIELDS`)."""
+    a, b = _flat_saved(saved, current), flatten_config(current)
     allowed = tuple(allowed)
 
     def may_change(name: str) -> bool:
@@ -129,7 +145,7 @@ def config_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str] = RESUMABLE_CHANGES
 ) -> list[str]:
     """'field: saved -> current' for every field that differs and may not change."""
-    a, b = flatten_config(saved), flatten_config(current)
+    a, b = _flat_saved(saved, current), flatten_config(current)
     return [
         f"{name}: {a.get(name, '<absent>')!r} -> {b.get(name, '<absent>')!r}"
         for name in differing_fields(saved, current, allowed)
@@ -155,7 +171,7 @@ def refusal_message(
     if not names:
         return None
     differences = config_differences(saved, current)
-    flat = flatten_config(saved)
+    flat = _flat_saved(saved, current)
     fix = ", ".join(_setting(name, flat) for name in names)
     if len(differences) == 1:
         return (

@@ -2,6 +2,7 @@
 manifests, falling back from damaged steps, and one-line write errors."""
 
 import errno
+import json
 import logging
 import os
 import re
@@ -89,6 +90,35 @@ def test_incompatible_config_is_refused_and_left_untouched(tmp_path):
 def test_config_differences_flattens_and_reports_absent_fields():
     diffs = config_differences({"a": {"b": 1}, "c": (1, 2)}, {"a": {"b": 2}, "c": [1, 2], "d": 0})
     assert diffs == ["a.b: 1 -> 2", "d: '<absent>' -> 0"]
+
+
+def test_a_run_from_before_the_input_options_resumes(tmp_path):
+    """A checkpoint whose config predates data.storage, data.augment_on and
+    data.device_source_size (pne-jax before issue 17) resumes with today's defaults and with
+    another storage form (the same pixels); switching the augmentation to the device, which
+    changes the normalisation's float rounding, is refused with the fix."""
+    from pne_jax import configs
+    from pne_jax.train import _config_dict
+
+    current = _config_dict(configs.get_config("demo"))
+    old = json.loads(json.dumps(current))
+    for field in ("storage", "augment_on", "device_source_size"):
+        del old["data"][field]
+    directory = str(tmp_path / "ckpt")
+    ckpt = Checkpointer(directory)
+    ckpt.save(5, _state(_mesh(1)), old)
+    ckpt.check_config(5, current)
+    current["data"]["storage"] = "raw"
+    current["data"]["device_source_size"] = [256, 512]
+    ckpt.check_config(5, current)
+    current["data"]["augment_on"] = "device"
+    with pytest.raises(
+        ValueError,
+        match="data.augment_on: 'host' -> 'device'.*restore "
+        "data.augment_on=host, or use another --workdir",
+    ):
+        ckpt.check_config(5, current)
+    ckpt.close()
 
 
 def test_abstract_like_keeps_shardings():
