@@ -5,6 +5,8 @@ memory estimate, the kept pairs and two ratios measured in the same run on the s
 inputs: against the official PyTorch implementation (with --official_repo, needs torch
 from requirements-bench.txt) and against the FLOP floor, one batched matmul with the
 FLOP count of the kept pairs' anchor-by-positive and anchor-by-negative products.
+The last columns time the ICCV 2021 pixel contrast (`pixel_contrast_loss`, official
+Cityscapes settings: 1024 samples, 100 views) on the same inputs, side by side.
 
     python -m benchmarks.bench_loss --official_repo=PATH/TO/PNE_Loss
 """
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pne_jax import pne_loss
-from pne_jax.losses import pne_batch_stats
+from pne_jax.losses import pixel_contrast_loss, pne_batch_stats
 
 
 def realistic_batch(rng, b, h, w, c, d, *, classes_per_image=12, patches=24):
@@ -64,14 +66,8 @@ def median_time(fn, *args, repeats):
     return statistics.median(times)
 
 
-def bench_jax(logits, labels, emb, num_samples, repeats):
-    # Inputs are arguments, not closed-over constants, as in a train step.
-    loss_and_grad = jax.jit(
-        jax.value_and_grad(
-            lambda lg, lb, e: pne_loss(lg, lb, e, num_samples=num_samples), argnums=2
-        )
-    )
-    args = [jax.device_put(x) for x in (logits, labels, emb)]
+def _compile_and_time(loss_and_grad, args, repeats):
+    """(compile s, median step s, XLA's peak bytes) of a jitted function of `args`."""
     start = time.perf_counter()
     compiled = loss_and_grad.lower(*args).compile()
     compile_s = time.perf_counter() - start
@@ -82,9 +78,29 @@ def bench_jax(logits, labels, emb, num_samples, repeats):
         + memory.output_size_in_bytes
         - memory.alias_size_in_bytes
     )
-    step_s = median_time(compiled, *args, repeats=repeats)
+    return compile_s, median_time(compiled, *args, repeats=repeats), peak
+
+
+def bench_jax(logits, labels, emb, num_samples, repeats):
+    # Inputs are arguments, not closed-over constants, as in a train step.
+    loss_and_grad = jax.jit(
+        jax.value_and_grad(
+            lambda lg, lb, e: pne_loss(lg, lb, e, num_samples=num_samples), argnums=2
+        )
+    )
+    args = [jax.device_put(x) for x in (logits, labels, emb)]
+    compile_s, step_s, peak = _compile_and_time(loss_and_grad, args, repeats)
     stats = pne_batch_stats(logits, labels, emb, num_samples=num_samples)
     return compile_s, step_s, peak, stats
+
+
+def bench_pixel_contrast(logits, labels, emb, repeats):
+    """(compile s, step s, peak bytes) of the pixel contrast's forward + backward."""
+    loss_and_grad = jax.jit(
+        jax.value_and_grad(lambda k, lg, lb, e: pixel_contrast_loss(k, lg, lb, e), argnums=3)
+    )
+    args = [jax.random.key(0), *(jax.device_put(x) for x in (logits, labels, emb))]
+    return _compile_and_time(loss_and_grad, args, repeats)
 
 
 def bench_floor(num_pairs, num_samples, dim, repeats):
@@ -147,7 +163,8 @@ def main(argv=None):
     )
     header = (
         f"{'C':>4} {'pairs':>6} {'compile s':>9} {'step ms':>8} {'peak MiB':>8} "
-        f"{'floor ms':>8} {'x floor':>7} {'official ms':>11} {'speed-up':>8} {'rel. diff':>9}"
+        f"{'floor ms':>8} {'x floor':>7} {'official ms':>11} {'speed-up':>8} {'rel. diff':>9} "
+        f"{'contrast ms':>11} {'contrast MiB':>12}"
     )
     print(header)
     rng = np.random.default_rng(args.seed)
@@ -175,9 +192,11 @@ def main(argv=None):
             official = f"{off_s * 1e3:.1f}"
             speedup = f"{off_s / step_s:.1f}x"
             diff = f"{abs(ours - off_value) / max(abs(off_value), 1e-30):.1e}"
+        _, contrast_s, contrast_peak = bench_pixel_contrast(logits, labels, emb, args.repeats)
         print(
             f"{c:>4} {pairs:>6} {compile_s:>9.2f} {step_s * 1e3:>8.1f} {peak / 2**20:>8.1f} "
-            f"{floor_s * 1e3:>8.1f} {step_s / floor_s:>7.2f} {official:>11} {speedup:>8} {diff:>9}"
+            f"{floor_s * 1e3:>8.1f} {step_s / floor_s:>7.2f} {official:>11} {speedup:>8} {diff:>9} "
+            f"{contrast_s * 1e3:>11.1f} {contrast_peak / 2**20:>12.1f}"
         )
 
 
