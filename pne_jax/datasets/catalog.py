@@ -20,7 +20,7 @@ from pne_jax.datasets.ade20k import Ade20kSemseg
 from pne_jax.datasets.cityscapes import CityscapesSemseg
 from pne_jax.datasets.coco_stuff import CocoStuff164kSemseg
 from pne_jax.datasets.labels import dataset_name
-from pne_jax.datasets.semseg import SemSegBuilder, StorageFormError
+from pne_jax.datasets.semseg import SemSegBuilder
 from pne_jax.datasets.synthetic import SyntheticConfig, SyntheticSemseg
 
 BUILDERS: dict[str, type[SemSegBuilder]] = {
@@ -107,12 +107,7 @@ def load_builder(name: str, data_dir: str | os.PathLike, **options: Any) -> SemS
             f"{builder.name} is not prepared: {builder.data_path} {state}. "
             f"Prepare it with: {prepare_command(builder)}"
         )
-    problem = builder.prepared_storage_problem()
-    if problem:  # a folder moved by hand: its records would not decode
-        raise StorageFormError(
-            f"{problem}; move it back to where its form belongs, or delete it and prepare "
-            f"again with: {prepare_command(builder)}"
-        )
+    builder.check_prepared_storage(f"prepare again with: {prepare_command(builder)}")
     problem = builder.prepared_size_problem()
     if problem:  # a subset prepared on purpose is fine to read, but say so
         logging.warning("%s; reading it as it is", problem)

@@ -44,11 +44,7 @@ def prepare(
     builder = make_builder(name, data_dir, **options)
     exists = builder.data_path.exists()
     if exists and builder.is_prepared():
-        problem = builder.prepared_storage_problem()
-        if problem:
-            raise StorageFormError(
-                f"{problem}; move it back to where its form belongs, or delete it and prepare again"
-            )
+        builder.check_prepared_storage()
         problem = builder.prepared_size_problem()
         if problem:
             raise SplitSizeError(

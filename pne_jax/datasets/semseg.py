@@ -309,16 +309,17 @@ class SemSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             return _RawRecordWriter(self.info.file_format)
         return super()._example_writer()
 
-    def prepared_storage_problem(self) -> str | None:
-        """Why the data prepared at `data_path` is not in this builder's storage form, or
-        None. Data prepared before the form was recorded is `encoded`."""
+    def check_prepared_storage(self, prepare: str = "prepare again") -> None:
+        """Raises StorageFormError unless the data prepared at `data_path` is in this
+        builder's storage form (a folder moved by hand: its records would not decode).
+        `prepare` ends the fix. Data prepared before the form was recorded is `encoded`."""
         stored = (self.info.metadata or {}).get("storage", DEFAULT_STORAGE)
-        if stored == self.storage:
-            return None
-        return (
-            f"{self.name}: the data at {self.data_path} is stored as {stored!r}, but "
-            f"{self.storage!r} was asked for"
-        )
+        if stored != self.storage:
+            raise StorageFormError(
+                f"{self.name}: the data at {self.data_path} is stored as {stored!r}, but "
+                f"{self.storage!r} was asked for; move it back to where its form belongs, "
+                f"or delete it and {prepare}"
+            )
 
     # --- what a subclass provides ------------------------------------------------------------
 
